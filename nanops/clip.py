@@ -1,0 +1,190 @@
+"""Drop-in replacements for torch.nn.utils.clip_grad_norm_ and its split API.
+
+Differences from torch, all on purpose:
+  * the norm is accumulated in float64 and rescaled where needed, so float16 grads whose norm
+    exceeds 65504 and float32 grads near 1e20 get a finite norm (returned as float32 for 16-bit
+    grads, in the grads' dtype otherwise);
+  * a non-finite norm never multiplies the grads by NaN or 0: they are left unchanged (and
+    ``found_inf`` is set to 1 when given, GradScaler-style);
+  * ``inv_scale`` fuses AMP unscaling into the same passes;
+  * no host synchronisation unless ``error_if_nonfinite=True``;
+  * ``process_group`` combines sharded grads with one torch.distributed collective.
+"""
+from __future__ import annotations
+
+import math
+import types
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from .ops import SUMMARY_FIELDS, _tensor_list, check_device
+
+ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
+
+
+def _check_norm_type(norm_type: float) -> float:
+    p = float(norm_type)
+    if math.isnan(p) or p < 0:
+        raise ValueError(f"norm_type must be >= 0 or inf, got {norm_type!r}")
+    return p
+
+
+def _norm_dtype(grads: list[torch.Tensor]) -> torch.dtype:
+    # A float16/bfloat16 norm would overflow where float32 does not.
+    dtype = grads[0].dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _check_grads(grads: list[torch.Tensor]) -> None:
+    for i, g in enumerate(grads):
+        if not g.dtype.is_floating_point:
+            raise ValueError(f"gradient {i} has dtype {g.dtype}; only floating-point gradients can be clipped")
+        check_device(g.device, "clip_grad_norm_")
+
+
+def _by_device(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    groups: dict[torch.device, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault(g.device, []).append(g)
+    return groups
+
+
+def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
+
+
+def _summaries(
+    groups: dict[torch.device, list[torch.Tensor]],
+    p: float,
+    inv_scale: torch.Tensor | None,
+    process_group,
+) -> torch.Tensor:
+    """(k, 5) float64 norm summaries on the first group's device: one row per device (per rank)."""
+    rows = [torch.ops.nanops.grad_norm_summary.default(gs, p, _on(inv_scale, dev)) for dev, gs in groups.items()]
+    home = next(iter(groups))
+    local = torch.stack([r.to(home, non_blocking=True) for r in rows])
+    if process_group is None:
+        return local
+    import torch.distributed as dist
+
+    # Summaries (not norms) travel, so ranks with very different magnitudes still combine
+    # without overflow; one all_gather is the only collective.
+    world = dist.get_world_size(process_group)
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=process_group)
+    return torch.cat(gathered)
+
+
+def _grad_list(parameters: ParamsOrGrads, what: str) -> tuple[list[torch.Tensor], bool]:
+    """Grads of `parameters` (None skipped) and whether an empty generator was passed."""
+    is_generator = isinstance(parameters, types.GeneratorType)
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    params = list(parameters)
+    if is_generator and not params:
+        warnings.warn(f"`parameters` is an empty generator, no gradient {what} will occur.", stacklevel=3)
+    return [p.grad for p in params if p.grad is not None], is_generator and not params
+
+
+def clip_grad_norm_(
+    parameters: ParamsOrGrads,
+    max_norm: float,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+    *,
+    inv_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """Clips the gradient norm of ``parameters`` in place; returns the total norm before clipping.
+
+    Same signature, return value and semantics as torch.nn.utils.clip_grad_norm_ (``foreach`` is
+    accepted and ignored: the kernels are always fused), plus:
+
+    Args:
+        inv_scale: one-element float32/float64 tensor (GradScaler's 1/scale): grads are unscaled
+            by it in the same passes; the returned norm is that of the unscaled grads.
+        found_inf: one-element float tensor set to 1 when the grads hold NaN/Inf (or their norm
+            overflows); the grads are then left untouched. Never reset to 0.
+        process_group: torch.distributed group over which the grads are sharded; every rank gets
+            the norm of the whole and scales by the same coefficient.
+
+    Returns:
+        0-dim tensor on the grads' (first) device: float32 for float16/bfloat16 grads, else the
+        grads' dtype. Non-finite when the grads are.
+    """
+    grads, _ = _grad_list(parameters, "clipping")
+    if not grads:
+        return torch.tensor(0.0)
+    p = _check_norm_type(norm_type)
+    _check_grads(grads)
+    groups = _by_device(grads)
+    home = next(iter(groups))
+    summaries = _summaries(groups, p, inv_scale, process_group)
+    total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
+        summaries, p, float(max_norm), _on(inv_scale, home), found_inf, _norm_dtype(grads)
+    )
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. The gradients were left unchanged. To skip the error, set `error_if_nonfinite=False`."
+        )
+    for dev, gs in groups.items():
+        torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
+    return total_norm
+
+
+def get_total_norm(
+    tensors: ParamsOrGrads,
+    norm_type: float = 2.0,
+    error_if_nonfinite: bool = False,
+    foreach: bool | None = None,
+) -> torch.Tensor:
+    """Norm of the norms of ``tensors`` (as torch.nn.utils.get_total_norm), overflow-free.
+
+    Args:
+        tensors: a tensor or an iterable of tensors (typically gradients); None entries skipped.
+    Returns:
+        0-dim tensor, float32 for 16-bit inputs, else the inputs' dtype.
+    """
+    tensor_list = _tensor_list(tensors)
+    if not tensor_list:
+        return torch.tensor(0.0)
+    p = _check_norm_type(norm_type)
+    _check_grads(tensor_list)
+    groups = _by_device(tensor_list)
+    summaries = _summaries(groups, p, None, None)
+    total_norm, _ = torch.ops.nanops.clip_coef_from_summaries.default(
+        summaries, p, math.inf, None, None, _norm_dtype(tensor_list)
+    )
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. To skip the error, set `error_if_nonfinite=False`."
+        )
+    return total_norm
+
+
+def clip_grads_with_norm_(
+    parameters: ParamsOrGrads,
+    max_norm: float,
+    total_norm: torch.Tensor,
+    foreach: bool | None = None,
+) -> None:
+    """Scales the grads of ``parameters`` by min(1, max_norm / (total_norm + 1e-6)), in place.
+
+    As torch.nn.utils.clip_grads_with_norm_, except that a non-finite ``total_norm`` leaves the
+    grads unchanged instead of turning them into NaN or 0.
+    """
+    grads, _ = _grad_list(parameters, "clipping")
+    if not grads:
+        return
+    _check_grads(grads)
+    for dev, gs in _by_device(grads).items():
+        norm = total_norm.to(dev, dtype=torch.float64, non_blocking=True)
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
+        torch.ops.nanops.scale_tensors_.default(gs, coef)

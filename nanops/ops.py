@@ -1,0 +1,191 @@
+"""Python entry points of the nanops operators: argument checks, fake kernels, autograd.
+
+Every function here calls a ``torch.ops.nanops.*`` operator defined in csrc/ops.cpp.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ._loader import check_device
+
+TensorOrTensors = torch.Tensor | Iterable[torch.Tensor | None]
+
+
+def _tensor_list(tensors: TensorOrTensors) -> list[torch.Tensor]:
+    """A single tensor or any iterable (generators included) as a list, None entries dropped."""
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    return [t for t in tensors if t is not None]
+
+
+def _list_device(tensors: list[torch.Tensor], what: str) -> torch.device:
+    device = tensors[0].device
+    for i, t in enumerate(tensors):
+        if t.device != device:
+            raise ValueError(f"{what}: all tensors must be on one device; tensors[0] is on {device}, "
+                             f"tensors[{i}] is on {t.device}")
+    check_device(device, what)
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# NaN / Inf detection
+# --------------------------------------------------------------------------------------------
+
+def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
+    """Counts NaN, +Inf and -Inf in every tensor of a list, in one fused pass.
+
+    Args:
+        tensors: a tensor or an iterable of tensors (None entries are skipped), all on one
+            device. float32/float16/bfloat16/float64 are scanned; integer and bool tensors hold
+            no NaN or Inf and count as finite (their row is zeros).
+
+    Returns:
+        int64 tensor of shape (len(tensors), 3) on the tensors' device: columns are the counts of
+        NaN, +Inf and -Inf. Nothing is copied to the host.
+    """
+    tensor_list = _tensor_list(tensors)
+    if not tensor_list:
+        return torch.zeros(0, 3, dtype=torch.long)
+    _list_device(tensor_list, "nonfinite_counts")
+    return torch.ops.nanops.nonfinite_counts.default(tensor_list)
+
+
+def all_finite(tensors: TensorOrTensors) -> torch.Tensor:
+    """0-dim bool tensor on the tensors' device: True when no tensor holds a NaN or an Inf."""
+    tensor_list = _tensor_list(tensors)
+    if not tensor_list:
+        return torch.tensor(True)
+    return nonfinite_counts(tensor_list).sum() == 0
+
+
+@torch.library.register_fake("nanops::nonfinite_counts")
+def _nonfinite_counts_fake(tensors):
+    # Shape depends only on the list length, so torch.compile can trace through it.
+    torch._check(len(tensors) > 0, lambda: "nonfinite_counts: empty list")
+    return tensors[0].new_empty((len(tensors), 3), dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# Stable softmax
+# --------------------------------------------------------------------------------------------
+
+def stable_softmax(
+    x: torch.Tensor,
+    dim: int = -1,
+    *,
+    scale: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(scale * x + mask) along ``dim`` that never turns overflow or masking into NaN.
+
+    Args:
+        x: logits, float32/float16/bfloat16/float64, any shape and layout. 16-bit inputs are
+            accumulated in float32; the result has x's dtype and shape (contiguous).
+        dim: the softmax dimension.
+        scale: multiplies x before the mask is applied (e.g. 1/sqrt(head_dim)).
+        mask: optional, broadcastable to x. bool: True marks the positions that take part
+            (as in scaled_dot_product_attention); floating: added to the scaled logits.
+
+    Semantics beyond torch.softmax:
+        * a row where no position takes part (all masked, or all -inf) gives zeros and a zero
+          gradient instead of NaN;
+        * a row holding +inf logits gives each +inf position an equal share (1/count) and every
+          other position 0, instead of NaN;
+        * a NaN in a row's logits still makes that row NaN: broken inputs are not hidden.
+        The backward uses the usual formula on the returned probabilities, scale included.
+    """
+    check_device(x.device, "stable_softmax")
+    return torch.ops.nanops.stable_softmax.default(x, dim, float(scale), mask)
+
+
+@torch.library.register_fake("nanops::stable_softmax")
+def _stable_softmax_fake(x, dim, scale, mask):
+    torch._check(x.dim() >= 1, lambda: "stable_softmax: x must have at least one dimension")
+    if mask is not None:
+        torch._check(mask.dim() <= x.dim(), lambda: "stable_softmax: mask has more dims than x")
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("nanops::stable_softmax_backward")
+def _stable_softmax_backward_fake(grad_y, y, dim, scale):
+    torch._check(grad_y.shape == y.shape, lambda: "stable_softmax_backward: grad_y and y shapes differ")
+    return torch.empty_like(y, memory_format=torch.contiguous_format)
+
+
+def _stable_softmax_setup_context(ctx, inputs, output):
+    x, dim, scale, mask = inputs
+    ctx.dim = dim
+    ctx.scale = scale
+    # The gradient needs only the probabilities; the mask matters only if it asks for a grad.
+    ctx.mask_shape = None if mask is None else mask.shape
+    ctx.mask_needs_grad = mask is not None and mask.dtype.is_floating_point and ctx.needs_input_grad[3]
+    ctx.save_for_backward(output)
+
+
+def _stable_softmax_backward(ctx, grad_y):
+    (y,) = ctx.saved_tensors
+    grad_x = grad_mask = None
+    if ctx.needs_input_grad[0]:
+        grad_x = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, ctx.scale)
+    if ctx.mask_needs_grad:
+        # d/dmask is the softmax Jacobian product without the scale, summed over broadcast dims.
+        grad_z = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, 1.0)
+        grad_mask = grad_z.sum_to_size(ctx.mask_shape)
+    return grad_x, None, None, grad_mask
+
+
+torch.library.register_autograd(
+    "nanops::stable_softmax", _stable_softmax_backward, setup_context=_stable_softmax_setup_context
+)
+
+
+def _stable_softmax_backward_setup_context(ctx, inputs, output):
+    grad_y, y, dim, scale = inputs
+    ctx.dim, ctx.scale = dim, scale
+    ctx.save_for_backward(grad_y, y)
+
+
+def _stable_softmax_double_backward(ctx, grad_grad_x):
+    # grad_x = s * y * (g - <g, y>): linear in g, bilinear in (g, y).
+    grad_y_out, y = ctx.saved_tensors
+    s, dim = ctx.scale, ctx.dim
+    gg = grad_grad_x * s
+    dot_gy = (grad_y_out * y).sum(dim, keepdim=True)
+    dot_ggy = (gg * y).sum(dim, keepdim=True)
+    d_grad_y = y * gg - y * dot_ggy if ctx.needs_input_grad[0] else None
+    d_y = gg * (grad_y_out - dot_gy) - grad_y_out * dot_ggy if ctx.needs_input_grad[1] else None
+    return d_grad_y, d_y, None, None
+
+
+torch.library.register_autograd(
+    "nanops::stable_softmax_backward",
+    _stable_softmax_double_backward,
+    setup_context=_stable_softmax_backward_setup_context,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-norm building blocks (the user-facing API is nanops.clip)
+# --------------------------------------------------------------------------------------------
+
+SUMMARY_FIELDS = 5
+
+
+@torch.library.register_fake("nanops::grad_norm_summary")
+def _grad_norm_summary_fake(tensors, norm_type, inv_scale):
+    torch._check(len(tensors) > 0, lambda: "grad_norm_summary: empty list")
+    return tensors[0].new_empty((SUMMARY_FIELDS,), dtype=torch.float64)
+
+
+@torch.library.register_fake("nanops::clip_coef_from_summaries")
+def _clip_coef_fake(summaries, norm_type, max_norm, inv_scale, found_inf, norm_dtype):
+    torch._check(summaries.dim() == 2, lambda: "clip_coef_from_summaries: summaries must be 2-D")
+    return summaries.new_empty((), dtype=norm_dtype), summaries.new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("nanops::scale_tensors_")
+def _scale_tensors_fake(tensors, coef):
+    return None

@@ -1,0 +1,84 @@
+"""Builds nanops._C: CPU kernels always, CUDA kernels when torch is a CUDA build and nvcc exists.
+
+Environment:
+  NANOPS_CUDA=0/1         force the CUDA kernels off/on (default: auto-detect)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
+  NANOPS_DEBUG=1          -O0 -g builds
+"""
+import glob
+import os
+import shutil
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_home() -> str | None:
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def _want_cuda(torch) -> bool:
+    forced = os.environ.get("NANOPS_CUDA")
+    if forced is not None:
+        return forced == "1"
+    return torch.version.cuda is not None and _cuda_home() is not None
+
+
+def _extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    with_cuda = _want_cuda(torch)
+    if with_cuda:
+        # Must be set before cpp_extension resolves nvcc; torch otherwise guesses /usr/local.
+        os.environ.setdefault("CUDA_HOME", _cuda_home() or "")
+        cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+
+    # One source list for every build: the same globs drive CMakeLists.txt.
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    if with_cuda:
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+
+    debug = os.environ.get("NANOPS_DEBUG") == "1"
+    opt = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags = opt + ["-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
+    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall"]
+    define_macros = [("NANOPS_WITH_CUDA", "1")] if with_cuda else []
+
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    print(f"nanops build: cuda={with_cuda} arch={os.environ.get('TORCH_CUDA_ARCH_LIST')} "
+          f"debug={debug} sources={len(sources)}")
+    ext_type = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    return ext_type(
+        name="nanops._C",
+        sources=sources,
+        include_dirs=include_dirs,
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+    )
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+
+setup(
+    name="nanops",
+    version="0.1.0",
+    description="Fused NaN/Inf detection, stable softmax and grad clipping kernels for Transformer-YOLOv5 training",
+    packages=find_packages(include=["nanops", "nanops.*"]),
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": _build_ext()},
+    entry_points={"console_scripts": ["nanops=nanops.cli:main"]},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "pyyaml", "numpy"],
+    zip_safe=False,
+)
