@@ -47,8 +47,10 @@ def _extension():
 
     debug = os.environ.get("NANOPS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags = opt + ["-Wall", "-Wextra", "-Wno-unused-parameter", "-fdiagnostics-color=always"]
-    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall"]
+    # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel`; without the flag
+    # every CPU kernel would silently run on one thread.
+    cxx_flags = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall,-fopenmp"]
     define_macros = [("NANOPS_WITH_CUDA", "1")] if with_cuda else []
 
     include_dirs = [os.path.join(ROOT, "csrc")]
@@ -61,6 +63,7 @@ def _extension():
         include_dirs=include_dirs,
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
     )
 
 

@@ -20,12 +20,17 @@ def _tensor_list(tensors: TensorOrTensors) -> list[torch.Tensor]:
     return [t for t in tensors if t is not None]
 
 
-def _list_device(tensors: list[torch.Tensor], what: str) -> torch.device:
+def _check_list(tensors: list[torch.Tensor], what: str) -> torch.device:
+    """One device and dense layout for the whole list; returns the device."""
     device = tensors[0].device
     for i, t in enumerate(tensors):
         if t.device != device:
             raise ValueError(f"{what}: all tensors must be on one device; tensors[0] is on {device}, "
                              f"tensors[{i}] is on {t.device}")
+        if t.layout != torch.strided:
+            # Sparse tensors dispatch to their own backend and would never reach our check.
+            raise ValueError(f"{what}: tensors[{i}] has layout {t.layout}; only dense tensors are supported, "
+                             "call .to_dense() first")
     check_device(device, what)
     return device
 
@@ -49,7 +54,7 @@ def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
     tensor_list = _tensor_list(tensors)
     if not tensor_list:
         return torch.zeros(0, 3, dtype=torch.long)
-    _list_device(tensor_list, "nonfinite_counts")
+    _check_list(tensor_list, "nonfinite_counts")
     return torch.ops.nanops.nonfinite_counts.default(tensor_list)
 
 
@@ -65,7 +70,15 @@ def all_finite(tensors: TensorOrTensors) -> torch.Tensor:
 def _nonfinite_counts_fake(tensors):
     # Shape depends only on the list length, so torch.compile can trace through it.
     torch._check(len(tensors) > 0, lambda: "nonfinite_counts: empty list")
+    _fake_check_one_device(tensors, "nonfinite_counts")
     return tensors[0].new_empty((len(tensors), 3), dtype=torch.long)
+
+
+def _fake_check_one_device(tensors, what: str) -> None:
+    # Same contract as the real kernels, so a traced program fails where an eager one would.
+    for i, t in enumerate(tensors):
+        torch._check(t.device == tensors[0].device,
+                     lambda: f"{what}: all tensors must be on one device; tensors[{i}] is on {t.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,6 +190,7 @@ SUMMARY_FIELDS = 5
 @torch.library.register_fake("nanops::grad_norm_summary")
 def _grad_norm_summary_fake(tensors, norm_type, inv_scale):
     torch._check(len(tensors) > 0, lambda: "grad_norm_summary: empty list")
+    _fake_check_one_device(tensors, "grad_norm_summary")
     return tensors[0].new_empty((SUMMARY_FIELDS,), dtype=torch.float64)
 
 

@@ -16,28 +16,34 @@
 namespace nanops {
 namespace {
 
-// x - x is 0 for every finite x and NaN for NaN and +-Inf; NaN survives the running sum, so
+// x - x is 0 for every finite x and NaN for NaN and +-Inf; NaN survives the running sums, so
 // a clean run costs one vector subtract-add per element and a single compare at the end.
+// Four independent accumulators keep the adds from serialising on their latency.
 template <typename T>
 bool run_is_finite(const T* p, int64_t n) {
   using acc_t = at::opmath_type<T>;
   using AccVec = at::vec::Vectorized<acc_t>;
-  AccVec acc(acc_t(0));
+  constexpr int kAcc = 4;
+  AccVec acc[kAcc] = {AccVec(acc_t(0)), AccVec(acc_t(0)), AccVec(acc_t(0)), AccVec(acc_t(0))};
   int64_t i = 0;
   if constexpr (at::vec::is_reduced_floating_point_v<T>) {
     using Vec = at::vec::Vectorized<T>;
-    for (; i + Vec::size() <= n; i += Vec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(p + i));
-      acc = acc + (lo - lo) + (hi - hi);
+    for (; i + kAcc * Vec::size() <= n; i += kAcc * Vec::size()) {
+      for (int a = 0; a < kAcc; ++a) {
+        auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(p + i + a * Vec::size()));
+        acc[a] = acc[a] + (lo - lo) + (hi - hi);
+      }
     }
   } else {
-    for (; i + AccVec::size() <= n; i += AccVec::size()) {
-      const AccVec v = AccVec::loadu(p + i);
-      acc = acc + (v - v);
+    for (; i + kAcc * AccVec::size() <= n; i += kAcc * AccVec::size()) {
+      for (int a = 0; a < kAcc; ++a) {
+        const AccVec v = AccVec::loadu(p + i + a * AccVec::size());
+        acc[a] = acc[a] + (v - v);
+      }
     }
   }
   std::array<acc_t, AccVec::size()> lanes;
-  acc.store(lanes.data());
+  ((acc[0] + acc[1]) + (acc[2] + acc[3])).store(lanes.data());
   acc_t total = 0;
   for (const acc_t lane : lanes) total += lane;
   for (; i < n; ++i) {

@@ -1,0 +1,101 @@
+"""Shared benchmark plumbing: device description, results JSON, the yolov5 grad list."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def bench_device() -> torch.device:
+    forced = os.environ.get("NANOPS_BENCH_DEVICE")
+    if forced:
+        return torch.device(forced)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU x{torch.get_num_threads()} threads"
+
+
+def device_slug(device: torch.device) -> str:
+    name = device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}t"
+    return "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment(device: torch.device) -> dict:
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(),
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+    }
+
+
+def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Path | None = None) -> Path:
+    folder = (out_dir or RESULTS_DIR) / device_slug(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps({"benchmark": name, "environment": environment(device), "rows": rows}, indent=2))
+    return path
+
+
+def print_table(title: str, rows: list[dict]) -> None:
+    print(f"\n{title}")
+    header = f"{'case':<38} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'GB/s':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        gbps = f"{r['nanops_gbps']:.1f}" if r.get("nanops_gbps") else ""
+        print(f"{r['case']:<38} {r['baseline']:<34} {r['baseline_ms']:>9.3f} {r['nanops_ms']:>10.3f} "
+              f"{r['speedup']:>6.2f}x {gbps:>7}")
+
+
+def row(case: str, baseline: str, base, ours, bytes_moved: int | None = None, **extra) -> dict:
+    """One comparison: speedup = baseline median / nanops median (> 1 means nanops is faster)."""
+    out = {
+        "case": case,
+        "baseline": baseline,
+        "baseline_ms": base.median_ms,
+        "nanops_ms": ours.median_ms,
+        "speedup": base.median_ms / ours.median_ms,
+        "baseline_timing": base.as_dict(),
+        "nanops_timing": ours.as_dict(),
+    }
+    if bytes_moved:
+        out["nanops_gbps"] = bytes_moved / (ours.median_ms * 1e-3) / 1e9
+    out.update(extra)
+    return out
+
+
+def yolov5_transformer_grads(device: torch.device, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
+    """The real gradient list of yolov5s-transformer (yolov5 package) after one backward pass."""
+    from nanops._yolov5_env import build_transformer_model
+
+    torch.manual_seed(0)
+    model = build_transformer_model().to(device).train()
+    out = model(torch.randn(2, 3, 256, 256, device=device))
+    sum(o.float().square().mean() for o in out).backward()
+    return [p.grad.detach().to(dtype) for p in model.parameters() if p.grad is not None]

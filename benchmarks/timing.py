@@ -1,0 +1,70 @@
+"""The one timing utility every benchmark uses.
+
+Median of repeated runs after warm-up; CUDA timed with events; inputs rotated over several
+copies so that a small case is not flattered by a warm cache.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def measure(
+    fn: Callable[..., object],
+    inputs: Sequence[tuple],
+    device: torch.device,
+    *,
+    warmup: int = 3,
+    min_runs: int = 10,
+    min_seconds: float = 0.5,
+    max_runs: int = 200,
+) -> Timing:
+    """Times fn(*inputs[i % len(inputs)]) and returns per-call statistics in milliseconds."""
+    cuda = device.type == "cuda"
+    for i in range(warmup):
+        fn(*inputs[i % len(inputs)])
+    if cuda:
+        torch.cuda.synchronize(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    i = 0
+    while i < max_runs and (i < min_runs or time.perf_counter() - start_all < min_seconds):
+        args = inputs[i % len(inputs)]
+        if cuda:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(*args)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+
+def rotation_count(bytes_per_input: int, cache_bytes: int = 64 << 20) -> int:
+    """How many input copies to rotate so that together they exceed the last-level cache."""
+    return max(1, min(8, -(-2 * cache_bytes // max(bytes_per_input, 1))))

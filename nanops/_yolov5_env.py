@@ -1,0 +1,53 @@
+"""Quiet, offline import of the `yolov5` package (our compatibility reference)."""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import os
+import warnings
+from pathlib import Path
+
+
+def prepare_environment() -> None:
+    """Keeps ultralytics/yolov5 offline and writing only under a cache folder of ours."""
+    cache = Path(os.environ.get("NANOPS_CACHE", Path.home() / ".cache" / "nanops"))
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    for var in ("YOLO_CONFIG_DIR", "YOLOV5_CONFIG_DIR", "MPLCONFIGDIR"):
+        os.environ.setdefault(var, str(cache))
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+
+def import_yolov5_common():
+    """yolov5.models.common, imported without its banner noise."""
+    prepare_environment()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        import yolov5.models.common as common
+    return common
+
+
+def transformer_yaml() -> Path:
+    """Path of models/hub/yolov5s-transformer.yaml inside the installed yolov5 package."""
+    spec = importlib.util.find_spec("yolov5")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the `yolov5` package is not installed: pip install yolov5==7.0.14")
+    return Path(next(iter(spec.submodule_search_locations))) / "models" / "hub" / "yolov5s-transformer.yaml"
+
+
+def build_transformer_model(num_classes: int = 80):
+    """A randomly initialised yolov5s-transformer `Model` from the yolov5 package (no downloads)."""
+    prepare_environment()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        from yolov5.models.yolo import Model
+        from yolov5.utils.general import LOGGER
+
+        level = LOGGER.level
+        LOGGER.setLevel("ERROR")
+        try:
+            model = Model(str(transformer_yaml()), ch=3, nc=num_classes)
+        finally:
+            LOGGER.setLevel(level)
+    return model

@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+# CUDA cases are real parameters that show up as SKIPPED (with this reason) on machines without
+# a GPU: a skip is never counted as a pass.
+cuda_param = pytest.param(
+    "cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none on this machine)")
+)
+DEVICES = ["cpu", cuda_param]
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    a, e = actual.double(), expected.double()
+    denom = e.norm().item()
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)

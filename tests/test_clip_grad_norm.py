@@ -1,0 +1,327 @@
+import math
+import os
+import tempfile
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nanops
+from conftest import DEVICES, FLOAT_DTYPES
+
+NORM_TYPES = [0.5, 1.0, 1.5, 2.0, 4.0, math.inf]
+
+
+def params_with_grads(shapes, device="cpu", dtype=torch.float32, scale=1.0):
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        p.grad = (torch.randn(shape, device=device, dtype=torch.float64) * scale).to(dtype)
+        params.append(p)
+    return params
+
+
+def reference_norm(grads, norm_type, inv_scale=1.0):
+    flat = torch.cat([g.detach().double().flatten().cpu() for g in grads]) * inv_scale
+    return torch.linalg.vector_norm(flat, norm_type)
+
+
+# ---- adapted from the meaning of PyTorch's own clip_grad_norm_ tests ------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_returns_pre_clip_norm_and_clips_to_max_norm_uniformly(device, norm_type):
+    params = params_with_grads([(10, 10), (5,), (3, 4, 2)], device, scale=10)
+    before = [p.grad.clone() for p in params]
+    max_norm = 2.0
+    total = nanops.clip_grad_norm_(params, max_norm, norm_type)
+    torch.testing.assert_close(total.double().cpu(), reference_norm(before, norm_type), rtol=1e-5, atol=0)
+    torch.testing.assert_close(reference_norm([p.grad for p in params], norm_type),
+                               torch.tensor(max_norm, dtype=torch.float64), rtol=1e-5, atol=1e-6)
+    ratios = torch.cat([(p.grad / b).flatten() for p, b in zip(params, before)])
+    torch.testing.assert_close(ratios, torch.full_like(ratios, ratios[0].item()), rtol=1e-5, atol=0)
+    # Same numbers as torch itself.
+    torch_params = [torch.nn.Parameter(b.clone()) for b in before]
+    for tp, b in zip(torch_params, before):
+        tp.grad = b.clone()
+    torch_total = torch.nn.utils.clip_grad_norm_(torch_params, max_norm, norm_type)
+    torch.testing.assert_close(total, torch_total, rtol=1e-5, atol=0)
+    for p, tp in zip(params, torch_params):
+        torch.testing.assert_close(p.grad, tp.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm_type", NORM_TYPES)
+def test_small_grads_untouched(device, norm_type):
+    params = params_with_grads([(10, 10), (5,)], device, scale=1e-3)
+    before = [p.grad.clone() for p in params]
+    nanops.clip_grad_norm_(params, 100.0, norm_type)
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_single_tensor_same_as_list(device):
+    (a,) = params_with_grads([(20, 20)], device, scale=5)
+    b = torch.nn.Parameter(a.detach().clone())
+    b.grad = a.grad.clone()
+    torch.testing.assert_close(nanops.clip_grad_norm_(a, 1.0), nanops.clip_grad_norm_([b], 1.0))
+    assert torch.equal(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan])
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf])
+def test_error_if_nonfinite_raises_and_leaves_grads_unchanged(device, bad, norm_type):
+    params = params_with_grads([(10,), (4, 4)], device)
+    params[1].grad[2, 3] = bad
+    before = [p.grad.clone() for p in params]
+    with pytest.raises(RuntimeError, match="non-finite"):
+        nanops.clip_grad_norm_(params, 1.0, norm_type, error_if_nonfinite=True)
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad, b, equal_nan=True, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_large_finite_norm_does_not_error(device):
+    # 2e22 squared overflows float32 in torch's per-tensor norms; ours accumulates in float64.
+    params = params_with_grads([(3,)], device)
+    params[0].grad.fill_(2e22)
+    total = nanops.clip_grad_norm_(params, 1.0, error_if_nonfinite=True)
+    torch.testing.assert_close(total.double().cpu(), torch.tensor(2e22 * math.sqrt(3), dtype=torch.float64), rtol=1e-6, atol=0)
+    torch.testing.assert_close(params[0].grad.norm().double().cpu(), torch.tensor(1.0, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_values_near_1e20_and_float64_near_1e200_give_finite_norms(device):
+    f32 = params_with_grads([(1000,)], device, scale=1e20)
+    f64 = params_with_grads([(1000,)], device, dtype=torch.float64, scale=1e200)
+    for params in (f32, f64):
+        for norm_type in NORM_TYPES:
+            total = nanops.get_total_norm([p.grad for p in params], norm_type)
+            expected = reference_norm([p.grad for p in params], norm_type) if params is f32 else None
+            assert torch.isfinite(total)
+            if expected is not None:
+                torch.testing.assert_close(total.double().cpu(), expected, rtol=1e-5, atol=0)
+    # float64 1e200 values: compare in log space (the float64 reference itself overflows).
+    g = f64[0].grad
+    expected_log = math.log(g.abs().max().item()) + 0.5 * math.log(((g / g.abs().max()) ** 2).sum().item())
+    assert math.isclose(math.log(nanops.get_total_norm(g).item()), expected_log, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tiny_values_do_not_underflow_to_zero(device):
+    g = torch.full((100,), 1e-30, device=device)
+    for norm_type in (2.0, 4.0, 8.0):
+        torch.testing.assert_close(nanops.get_total_norm(g, norm_type).double().cpu(),
+                                   torch.tensor(1e-30 * 100 ** (1 / norm_type), dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+# ---- what torch gets wrong ------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp16_norm_above_65504_clips_correctly(device):
+    params = params_with_grads([(1000,)], device, dtype=torch.float16)
+    params[0].grad.fill_(30000.0)
+    before = params[0].grad.clone()
+    total = nanops.clip_grad_norm_(params, 1.0)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total.double().cpu(), torch.tensor(30000.0 * math.sqrt(1000), dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(params[0].grad.float().norm().cpu(), torch.tensor(1.0), rtol=2e-3, atol=0)
+    # torch: the float16 norm overflows to inf and every grad becomes 0.
+    tp = torch.nn.Parameter(before.clone())
+    tp.grad = before.clone()
+    assert torch.isinf(torch.nn.utils.clip_grad_norm_([tp], 1.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_nonfinite_grads_are_left_unchanged_and_flag_found_inf(device, bad):
+    params = params_with_grads([(10,), (4, 4)], device)
+    params[0].grad[3] = bad
+    before = [p.grad.clone() for p in params]
+    found_inf = torch.zeros(1, device=device)
+    total = nanops.clip_grad_norm_(params, 1.0, found_inf=found_inf)
+    assert not torch.isfinite(total)
+    assert found_inf.item() == 1.0
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad, b, equal_nan=True, rtol=0, atol=0)
+    # Without found_inf the grads stay as they are too (torch would make them all NaN).
+    nanops.clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(params[1].grad, before[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_found_inf_is_never_reset(device):
+    params = params_with_grads([(10,)], device)
+    found_inf = torch.ones(1, device=device)
+    nanops.clip_grad_norm_(params, 1.0, found_inf=found_inf)
+    assert found_inf.item() == 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_inv_scale_fuses_amp_unscale(device, dtype):
+    scale = 1024.0
+    params = params_with_grads([(50, 50), (7,)], device, dtype=dtype, scale=scale)
+    before = [p.grad.clone() for p in params]
+    inv_scale = torch.full((1,), 1 / scale, device=device)
+    total = nanops.clip_grad_norm_(params, 1.0, inv_scale=inv_scale)
+    expected_norm = reference_norm(before, 2.0, 1 / scale)
+    torch.testing.assert_close(total.double().cpu(), expected_norm, rtol=1e-5, atol=0)
+    coef = min(1.0, 1.0 / (expected_norm.item() + 1e-6))
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    for p, b in zip(params, before):
+        torch.testing.assert_close(p.grad.double(), b.double() / scale * coef, rtol=tol, atol=tol * 1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inv_scale_unscales_even_when_no_clipping_needed(device):
+    params = params_with_grads([(10,)], device, scale=1e-3)
+    before = params[0].grad.clone()
+    nanops.clip_grad_norm_(params, 1e6, inv_scale=torch.tensor([0.5], device=device))
+    torch.testing.assert_close(params[0].grad, before * 0.5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_dtypes_in_one_list(device):
+    params = []
+    for dtype in FLOAT_DTYPES:
+        params += params_with_grads([(33, 7)], device, dtype=dtype, scale=3)
+    before = [p.grad.clone() for p in params]
+    total = nanops.clip_grad_norm_(params, 1.0)
+    assert total.dtype == torch.float32  # first grad is float32
+    torch.testing.assert_close(total.double().cpu(), reference_norm(before, 2.0), rtol=1e-5, atol=0)
+    coef = 1.0 / (reference_norm(before, 2.0).item() + 1e-6)
+    for p, b in zip(params, before):
+        tol = {torch.float32: 1e-5, torch.float64: 1e-7, torch.float16: 2e-3, torch.bfloat16: 1e-2}[p.dtype]
+        torch.testing.assert_close(p.grad.double(), b.double() * coef, rtol=tol, atol=tol * 1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_tensors_and_none_grads(device):
+    params = params_with_grads([(0,), (10,), (3, 0)], device, scale=10)
+    params.append(torch.nn.Parameter(torch.ones(3, device=device)))  # grad None: skipped
+    before = params[1].grad.clone()
+    total = nanops.clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(total.cpu(), before.norm().cpu())
+    torch.testing.assert_close(params[1].grad.norm().cpu(), torch.tensor(1.0), rtol=1e-5, atol=0)
+    assert params[3].grad is None
+    only_empty = params_with_grads([(0,)], device)
+    assert nanops.clip_grad_norm_(only_empty, 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_more_than_a_thousand_params(device):
+    params = params_with_grads([(i % 37 + 1,) for i in range(1200)], device, scale=2)
+    before = [p.grad.clone() for p in params]
+    total = nanops.clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(total.double().cpu(), reference_norm(before, 2.0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(reference_norm([p.grad for p in params], 2.0), torch.tensor(1.0, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_grads(device):
+    p = torch.nn.Parameter(torch.empty(20, 30, device=device))
+    p.grad = torch.randn(30, 20, device=device).t() * 10   # dense, permuted
+    q = torch.nn.Parameter(torch.empty(10, device=device))
+    q.grad = (torch.randn(10, 3, device=device) * 10)[:, 1]  # strided
+    before = [p.grad.clone(), q.grad.clone()]
+    total = nanops.clip_grad_norm_([p, q], 1.0)
+    torch.testing.assert_close(total.double().cpu(), reference_norm(before, 2.0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(reference_norm([p.grad, q.grad], 2.0), torch.tensor(1.0, dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def test_exhausted_generator_warns_and_returns_zero():
+    params = params_with_grads([(3,)])
+    gen = (p for p in params)
+    list(gen)
+    with pytest.warns(UserWarning, match="empty generator"):
+        total = nanops.clip_grad_norm_(gen, 1.0)
+    assert total.item() == 0.0
+
+
+def test_bad_arguments_get_clear_errors():
+    params = params_with_grads([(3,)])
+    with pytest.raises(ValueError, match="norm_type"):
+        nanops.clip_grad_norm_(params, 1.0, norm_type=-1)
+    with pytest.raises(ValueError, match="norm_type"):
+        nanops.clip_grad_norm_(params, 1.0, norm_type=float("nan"))
+    with pytest.raises(ValueError, match="dtype torch.int64"):
+        nanops.get_total_norm([torch.ones(3, dtype=torch.long)])
+    with pytest.raises(RuntimeError, match="one element"):
+        nanops.clip_grad_norm_(params, 1.0, inv_scale=torch.ones(2))
+
+
+def test_split_api_matches_torch():
+    grads = [torch.randn(10, 10) * 5, torch.randn(7) * 5]
+    for norm_type in NORM_TYPES:
+        torch.testing.assert_close(nanops.get_total_norm(grads, norm_type),
+                                   torch.nn.utils.get_total_norm(grads, norm_type), rtol=1e-5, atol=0)
+    params = params_with_grads([(10, 10), (7,)], scale=5)
+    twins = params_with_grads([(10, 10), (7,)])
+    for p, t in zip(params, twins):
+        t.grad = p.grad.clone()
+    total = nanops.get_total_norm([p.grad for p in params])
+    nanops.clip_grads_with_norm_(params, 1.0, total)
+    torch.nn.utils.clip_grads_with_norm_(twins, 1.0, torch.nn.utils.get_total_norm([t.grad for t in twins]))
+    for p, t in zip(params, twins):
+        torch.testing.assert_close(p.grad, t.grad)
+    before = params[0].grad.clone()
+    nanops.clip_grads_with_norm_(params, 1.0, torch.tensor(float("inf")))
+    assert torch.equal(params[0].grad, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    grads = [torch.randn(10, 10, device=device), torch.randn(5, device=device, dtype=torch.float16)]
+    inv_scale = torch.tensor([0.5], device=device)
+    for args in [(grads, 2.0, None), (grads, 1.0, inv_scale), (grads, math.inf, None), (grads, 0.0, None)]:
+        torch.library.opcheck(torch.ops.nanops.grad_norm_summary.default, args)
+    summaries = torch.stack([torch.ops.nanops.grad_norm_summary.default(grads, 2.0, None)] * 2)
+    found_inf = torch.zeros(1, device=device)
+    torch.library.opcheck(torch.ops.nanops.clip_coef_from_summaries.default,
+                          (summaries, 2.0, 1.0, inv_scale, found_inf, torch.float32))
+    coef = torch.tensor(0.5, dtype=torch.float64, device=device)
+    torch.library.opcheck(torch.ops.nanops.scale_tensors_.default, ([g.clone() for g in grads], coef))
+
+
+# ---- sharded grads over torch.distributed (gloo, 2 processes) ---------------------------------
+
+def _distributed_worker(rank, world, init_file, shards, max_norm, norm_type, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        params = []
+        for g in shards[rank]:
+            p = torch.nn.Parameter(torch.empty_like(g))
+            p.grad = g.clone()
+            params.append(p)
+        found_inf = torch.zeros(1)
+        total = nanops.clip_grad_norm_(params, max_norm, norm_type, found_inf=found_inf, process_group=dist.group.WORLD)
+        results[rank] = (total, [p.grad for p in params], found_inf)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf, 1.5])
+def test_distributed_matches_unsharded(norm_type):
+    torch.manual_seed(1)
+    # Rank 1 holds magnitudes 1e30 times rank 0's: summaries combine without overflow.
+    shards = [[torch.randn(100, 3), torch.randn(17)], [torch.randn(50) * 1e30]]
+    unsharded = params_with_grads([(100, 3), (17,), (50,)])
+    for p, g in zip(unsharded, shards[0] + shards[1]):
+        p.grad = g.clone()
+    expected_total = nanops.clip_grad_norm_(unsharded, 1.0, norm_type)
+    with tempfile.TemporaryDirectory() as tmp:
+        manager = mp.Manager()
+        results = manager.dict()
+        mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "store"), shards, 1.0, norm_type, results), nprocs=2)
+        for rank, own in ((0, unsharded[:2]), (1, unsharded[2:])):
+            total, grads, found_inf = results[rank]
+            torch.testing.assert_close(total, expected_total, rtol=1e-6, atol=0)
+            assert found_inf.item() == 0.0
+            for g, p in zip(grads, own):
+                torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=0)
