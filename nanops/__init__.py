@@ -5,19 +5,28 @@ Ops (real ``torch.ops.nanops.*`` operators with CPU and CUDA kernels):
     stable_softmax                   masked, scaled softmax that never returns NaN from overflow/masking
     clip_grad_norm_, get_total_norm, clip_grads_with_norm_
                                      fused, overflow-free grad-norm clipping (AMP unscale, distributed)
+Training: guarded_step (yolov5's unscale/clip/step block, skipping non-finite steps), watch (first
+non-finite module). Modules: nanops.nn (TransformerLayer, TransformerBlock, C3TR); nanops.yolov5.patch.
 """
 from ._loader import cuda_built
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
+from .guard import StepResult, guarded_step
 from .ops import all_finite, nonfinite_counts, stable_softmax
+from .watch import Finding, Watch, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Finding",
+    "StepResult",
+    "Watch",
     "all_finite",
     "clip_grad_norm_",
     "clip_grads_with_norm_",
     "cuda_built",
     "get_total_norm",
+    "guarded_step",
     "nonfinite_counts",
     "stable_softmax",
+    "watch",
 ]

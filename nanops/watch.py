@@ -1,0 +1,104 @@
+"""Locating the first module whose forward output or backward gradient went non-finite.
+
+The NaN guides say "print isnan after every layer"; that syncs the host once per module. Here
+every module's outputs (and, in backward, the gradients flowing into them) are checked with
+the fused nonfinite_counts op and the counts stay on the device; `check()` reads them with one
+host sync per step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Finding:
+    module: str   # qualified name ("" for the root)
+    phase: str    # "forward" (module output) or "backward" (gradient w.r.t. the module output)
+    step: int
+    nan: int
+    pos_inf: int
+    neg_inf: int
+
+    def __str__(self) -> str:
+        where = self.module or "<root>"
+        return (f"step {self.step}: {self.phase} of {where} went non-finite "
+                f"(NaN={self.nan}, +Inf={self.pos_inf}, -Inf={self.neg_inf})")
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value] if value.dtype.is_floating_point else []
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+class Watch:
+    """Hooks on every module of `model`; use as a context manager or call `remove()`.
+
+        with nanops.watch(model) as w:
+            loss = model(x).sum(); loss.backward()
+            finding = w.check()   # None, or the first non-finite module of this step
+    """
+
+    def __init__(self, model: nn.Module, *, backward: bool = True):
+        self.step = 0
+        self.first: Finding | None = None
+        self._backward = backward
+        self._records: list[tuple[str, str, torch.Tensor]] = []
+        self._handles = [
+            module.register_forward_hook(self._forward_hook(name)) for name, module in model.named_modules()
+        ]
+
+    def _record(self, name: str, phase: str, tensors: list[torch.Tensor]) -> None:
+        if tensors:
+            counts = torch.ops.nanops.nonfinite_counts.default([t.detach() for t in tensors])
+            self._records.append((name, phase, counts.sum(0)))
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            tensors = _tensors(output)
+            self._record(name, "forward", tensors)
+            if self._backward and torch.is_grad_enabled():
+                for t in tensors:
+                    if t.requires_grad:
+                        t.register_hook(lambda grad, name=name: self._record(name, "backward", [grad]))
+        return hook
+
+    def check(self) -> Finding | None:
+        """The first non-finite record since the last check (one host sync), then a new step."""
+        finding = None
+        if self._records:
+            counts = torch.stack([c for _, _, c in self._records]).cpu()
+            bad = (counts.sum(1) > 0).nonzero()
+            if len(bad):
+                i = int(bad[0])
+                name, phase, _ = self._records[i]
+                finding = Finding(name, phase, self.step, *(int(v) for v in counts[i]))
+                if self.first is None:
+                    self.first = finding
+        self._records.clear()
+        self.step += 1
+        return finding
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._records.clear()
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def watch(model: nn.Module, *, backward: bool = True) -> Watch:
+    """Starts watching `model`'s forward outputs (and backward gradients) for NaN/Inf."""
+    return Watch(model, backward=backward)

@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+import nanops.nn as nnn
+from conftest import DEVICES
+from nanops._yolov5_env import import_yolov5_common
+
+common = import_yolov5_common()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_transformer_layer_state_dict_and_output_parity(device):
+    ref = common.TransformerLayer(256, 4).to(device)
+    ours = nnn.TransformerLayer(256, 4).to(device)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(400, 2, 256, device=device, requires_grad=True)
+    y_ref, y = ref(x), ours(x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, g)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_block_and_c3tr_load_yolov5_weights_strictly():
+    for ref, ours, x in [
+        (common.TransformerBlock(64, 128, 4, 2), nnn.TransformerBlock(64, 128, 4, 2), torch.randn(2, 64, 8, 8)),
+        (common.C3TR(128, 256, n=1), nnn.C3TR(128, 256, n=1), torch.randn(2, 128, 10, 10)),
+    ]:
+        assert list(ours.state_dict()) == list(ref.state_dict())
+        ours.load_state_dict(ref.state_dict(), strict=True)
+        ref.eval(), ours.eval()
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_float16_logit_overflow_stays_finite_where_yolov5_gives_nan():
+    # A float16 model (yolov5 --half): q.k beyond 65504 is inf in yolov5's float16 baddbmm and
+    # its softmax returns NaN; nanops computes the logits in float32.
+    torch.manual_seed(0)
+    ref = common.TransformerLayer(32, 4)
+    ours = nnn.TransformerLayer(32, 4)
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        for layer in (ref, ours):
+            layer.q.weight.mul_(1000)
+            layer.k.weight.mul_(1000)
+    x = torch.randn(10, 2, 32)
+    expected = ref(x)
+    assert expected.isfinite().all()  # float32 itself is fine
+    ref.half(), ours.half()
+    assert ref(x.half()).isnan().any()
+    y = ours(x.half())
+    assert y.isfinite().all()
+    assert (y.float() - expected).abs().max() < 0.05 * expected.abs().max()
+
+
+def test_key_padding_and_attention_masks_match_multihead_attention():
+    layer = nnn.TransformerLayer(32, 4).eval()
+    q, k, v = torch.randn(6, 2, 32), torch.randn(6, 2, 32), torch.randn(6, 2, 32)
+    pad = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
+    causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
+    for attn_mask, kpm in [(None, pad), (causal, None), (causal, pad), (torch.randn(6, 6), pad)]:
+        expected = layer.ma(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=True)[0]
+        torch.testing.assert_close(layer.attention(q, k, v, attn_mask, kpm), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fully_masked_query_gives_zeros_not_nan():
+    layer = nnn.TransformerLayer(32, 4)
+    x = torch.randn(5, 1, 32)
+    pad = torch.ones(1, 5, dtype=torch.bool)  # every key padded
+    out = layer.attention(x, x, x, key_padding_mask=pad)
+    assert out.isfinite().all()
+    assert layer.ma(x, x, x, key_padding_mask=pad)[0].isnan().all()  # torch's answer
+
+
+def test_autocast_logits_are_float32():
+    layer = nnn.TransformerLayer(64, 4)
+    x = torch.randn(50, 2, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.isfinite().all()
+    torch.testing.assert_close(y.float(), layer(x), rtol=0.05, atol=0.05)
+
+
+def test_gradcheck_layer_float64():
+    layer = nnn.TransformerLayer(8, 2).double()
+    x = torch.randn(5, 2, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    assert math.isfinite(layer(x).sum().item())

@@ -1,0 +1,80 @@
+import pytest
+import torch
+
+import nanops
+
+
+class NanAt(torch.nn.Module):
+    """Identity that turns its input into NaN in forward, or its gradient in backward."""
+
+    def __init__(self, phase=None):
+        super().__init__()
+        self.phase = phase
+
+    def forward(self, x):
+        if self.phase == "forward":
+            return x * float("nan")
+        if self.phase == "backward":
+            return _NanGrad.apply(x)
+        return x
+
+
+class _NanGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def model_with(phase, where):
+    layers = [torch.nn.Linear(4, 4), NanAt(phase if where == 1 else None), torch.nn.Linear(4, 4),
+              NanAt(phase if where == 3 else None), torch.nn.Linear(4, 1)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("where", [1, 3])
+def test_names_first_module_in_forward(where):
+    model = model_with("forward", where)
+    with nanops.watch(model) as w:
+        model(torch.randn(2, 4)).sum().backward()
+        finding = w.check()
+    assert finding.module == str(where) and finding.phase == "forward" and finding.nan > 0
+
+
+@pytest.mark.parametrize("where", [1, 3])
+def test_names_first_module_in_backward(where):
+    model = model_with("backward", where)
+    with nanops.watch(model) as w:
+        out = model(torch.randn(2, 4)).sum()
+        assert w.check() is None  # forward was clean
+        out.backward()
+        finding = w.check()
+    # The gradient w.r.t. the output of the module before the NaN-making one is the first to go bad.
+    assert finding.phase == "backward" and finding.module == str(where - 1)
+
+
+def test_clean_steps_report_nothing_and_hooks_are_removed():
+    model = model_with(None, 0)
+    w = nanops.watch(model)
+    for _ in range(3):
+        model(torch.randn(2, 4)).sum().backward()
+        assert w.check() is None
+    assert w.step == 3 and w.first is None
+    w.remove()
+    assert all(not m._forward_hooks for m in model.modules())
+
+
+def test_finds_injected_nan_in_yolov5_transformer_model():
+    from nanops.yolov5 import build_transformer_model
+
+    model = build_transformer_model()
+    x = torch.randn(1, 3, 64, 64)
+    with nanops.watch(model) as w:
+        with torch.no_grad():
+            model.model[8].cv1.conv.weight[0, 0, 0, 0] = float("nan")
+        model(x)
+        finding = w.check()
+    assert finding.module == "model.8.cv1.conv" and finding.phase == "forward"
