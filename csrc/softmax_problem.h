@@ -8,11 +8,7 @@
 #include <cstdint>
 #include <optional>
 
-#ifdef __CUDACC__
-#define NANOPS_HOST_DEVICE __host__ __device__
-#else
-#define NANOPS_HOST_DEVICE
-#endif
+#include "host_device.h"
 
 namespace nanops {
 

@@ -55,4 +55,19 @@ std::vector<FlatView> flat_views(
   return views;
 }
 
+void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, const char* name,
+                         const c10::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
+              " must be float32 or float64, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
+}
+
+void check_norm_summaries(const at::Tensor& summaries, int64_t fields) {
+  TORCH_CHECK(summaries.dim() == 2 && summaries.size(1) == fields && summaries.scalar_type() == at::kDouble,
+              "clip_coef_from_summaries: summaries must be float64 of shape (k, ", fields, "), got ",
+              summaries.scalar_type(), " ", summaries.sizes());
+}
+
 }  // namespace nanops

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace nanops {
@@ -33,5 +34,12 @@ std::vector<FlatView> flat_views(
     at::TensorList tensors,
     std::vector<at::Tensor>& copies,
     std::vector<int64_t>* non_dense = nullptr);
+
+// An optional one-element float32/float64 tensor argument (inv_scale, found_inf) on `device`.
+void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, const char* name,
+                         const c10::Device& device);
+
+// The (k, fields) float64 summaries argument of clip_coef_from_summaries.
+void check_norm_summaries(const at::Tensor& summaries, int64_t fields);
 
 }  // namespace nanops

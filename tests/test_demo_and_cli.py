@@ -18,6 +18,10 @@ def test_demo_plain_run_goes_nan_nanops_run_recovers(tmp_path, capsys):
     assert "step(s) skipped" in capsys.readouterr().out
 
 
+def test_demo_command_exits_zero_when_nanops_recovers(tmp_path):
+    assert main(["demo", "--steps", "4", "--corrupt-step", "1", "--img", "96", "--no-plot"]) == 0
+
+
 def test_check_command_reports_clean_and_injected(capsys):
     assert main(["check", "--img", "64", "--batch", "1", "--patch"]) == 0
     assert "all finite" in capsys.readouterr().out

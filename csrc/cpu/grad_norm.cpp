@@ -90,15 +90,6 @@ NormPartial chunk_partial(const T* x, int64_t n, NormKind kind, double p, double
   return done ? out : exact_partial(x, n, kind, p, s);
 }
 
-void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, const char* name,
-                         const c10::Device& device) {
-  if (!t.has_value()) return;
-  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
-}
-
 at::Tensor grad_norm_summary_cpu(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& inv_scale) {
   TORCH_CHECK(!tensors.empty(), "grad_norm_summary: empty tensor list");
   TORCH_CHECK(norm_type >= 0.0, "grad_norm_summary: norm_type must be >= 0 or inf, got ", norm_type);
@@ -128,9 +119,7 @@ at::Tensor grad_norm_summary_cpu(at::TensorList tensors, double norm_type, const
 std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cpu(
     const at::Tensor& summaries, double norm_type, double max_norm, const std::optional<at::Tensor>& inv_scale,
     const std::optional<at::Tensor>& found_inf, c10::ScalarType norm_dtype) {
-  TORCH_CHECK(summaries.dim() == 2 && summaries.size(1) == kSummaryFields && summaries.scalar_type() == at::kDouble,
-              "clip_coef_from_summaries: summaries must be float64 of shape (k, ", kSummaryFields, "), got ",
-              summaries.scalar_type(), " ", summaries.sizes());
+  check_norm_summaries(summaries, kSummaryFields);
   check_scalar_tensor(inv_scale, "clip_coef_from_summaries", "inv_scale", summaries.device());
   check_scalar_tensor(found_inf, "clip_coef_from_summaries", "found_inf", summaries.device());
   const NormKind kind = norm_kind(norm_type);

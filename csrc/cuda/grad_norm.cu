@@ -162,11 +162,8 @@ struct ScaleOp {
 
 DeviceScalar device_scalar(const std::optional<at::Tensor>& t, const char* op, const char* name,
                            const c10::Device& device) {
+  check_scalar_tensor(t, op, name, device);
   if (!t.has_value()) return DeviceScalar{nullptr, false};
-  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
   return DeviceScalar{t->const_data_ptr(), t->scalar_type() == at::kDouble};
 }
 
@@ -194,9 +191,7 @@ at::Tensor grad_norm_summary_cuda(at::TensorList tensors, double norm_type, cons
 std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cuda(
     const at::Tensor& summaries, double norm_type, double max_norm, const std::optional<at::Tensor>& inv_scale,
     const std::optional<at::Tensor>& found_inf, c10::ScalarType norm_dtype) {
-  TORCH_CHECK(summaries.dim() == 2 && summaries.size(1) == kSummaryFields && summaries.scalar_type() == at::kDouble,
-              "clip_coef_from_summaries: summaries must be float64 of shape (k, ", kSummaryFields, "), got ",
-              summaries.scalar_type(), " ", summaries.sizes());
+  check_norm_summaries(summaries, kSummaryFields);
   const c10::cuda::CUDAGuard guard(summaries.device());
   const DeviceScalar s = device_scalar(inv_scale, "clip_coef_from_summaries", "inv_scale", summaries.device());
   device_scalar(found_inf, "clip_coef_from_summaries", "found_inf", summaries.device());
