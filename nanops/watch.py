@@ -51,6 +51,9 @@ class Watch:
         self.first: Finding | None = None
         self._backward = backward
         self._records: list[tuple[str, str, torch.Tensor]] = []
+        # The outputs of the module that finished last: a container returning its last child's
+        # tensors (Sequential, C3, ...) is neither scanned nor hooked a second time.
+        self._last_outputs: list[torch.Tensor] = []
         self._handles = [
             module.register_forward_hook(self._forward_hook(name)) for name, module in model.named_modules()
         ]
@@ -58,11 +61,14 @@ class Watch:
     def _record(self, name: str, phase: str, tensors: list[torch.Tensor]) -> None:
         if tensors:
             counts = torch.ops.nanops.nonfinite_counts.default([t.detach() for t in tensors])
-            self._records.append((name, phase, counts.sum(0)))
+            self._records.append((name, phase, counts))  # (len(tensors), 3), summed at check()
 
     def _forward_hook(self, name: str):
         def hook(module, inputs, output):
             tensors = _tensors(output)
+            if len(tensors) == len(self._last_outputs) and all(a is b for a, b in zip(tensors, self._last_outputs)):
+                return  # same tensors as the child that just finished: already checked and hooked
+            self._last_outputs = tensors
             self._record(name, "forward", tensors)
             if self._backward and torch.is_grad_enabled():
                 for t in tensors:
@@ -74,7 +80,9 @@ class Watch:
         """The first non-finite record since the last check (one host sync), then a new step."""
         finding = None
         if self._records:
-            counts = torch.stack([c for _, _, c in self._records]).cpu()
+            flat = torch.cat([c for _, _, c in self._records]).cpu()  # the one host sync
+            sizes = [c.shape[0] for _, _, c in self._records]
+            counts = torch.stack([part.sum(0) for part in flat.split(sizes)])
             bad = (counts.sum(1) > 0).nonzero()
             if len(bad):
                 i = int(bad[0])
@@ -83,6 +91,7 @@ class Watch:
                 if self.first is None:
                     self.first = finding
         self._records.clear()
+        self._last_outputs = []
         self.step += 1
         return finding
 
@@ -91,6 +100,7 @@ class Watch:
             h.remove()
         self._handles.clear()
         self._records.clear()
+        self._last_outputs = []
 
     def __enter__(self) -> Watch:
         return self
