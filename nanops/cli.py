@@ -1,4 +1,4 @@
-"""The `nanops` command: demo, check."""
+"""The `nanops` command: demo, check, doctor, bench."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,57 @@ def _cmd_check(args) -> int:
     return 1 if bad or finding else 0
 
 
+def _cmd_doctor(args) -> int:
+    """Label and hyperparameter checks; exit 1 when anything is wrong, 2 when the input is unreadable."""
+    from .doctor import DoctorError, check_hyp, check_labels, find_label_files, load_hyp, write_fixed_copies
+
+    if args.data is None and args.hyp is None:
+        print("nanops doctor: give DATA (a yolov5 data yaml or a labels folder) and/or --hyp", file=sys.stderr)
+        return 2
+    wrong = 0
+    try:
+        if args.data is not None:
+            files, nc = find_label_files(Path(args.data))
+            report = check_labels(files, nc)
+            for problem in report.problems[: args.max_report]:
+                print(problem)
+            if len(report.problems) > args.max_report:
+                print(f"... {len(report.problems) - args.max_report} more")
+            print(f"labels: {report.files} files, {report.rows} rows, {len(report.problems)} problem(s)"
+                  + (f" (nc={nc})" if nc is not None else ""))
+            wrong += len(report.problems)
+            if args.fix_to:
+                dropped = write_fixed_copies(files, report, Path(args.fix_to))
+                print(f"cleaned copies written to {args.fix_to} ({dropped} row(s) dropped; originals untouched)")
+        if args.hyp is not None:
+            warnings = check_hyp(load_hyp(Path(args.hyp)), args.optimizer)
+            for w in warnings:
+                print(f"{args.hyp}: warning: {w}")
+            print(f"hyp: {len(warnings)} warning(s) for optimizer {args.optimizer}")
+            wrong += len(warnings)
+    except DoctorError as err:
+        print(f"nanops doctor: {err}", file=sys.stderr)
+        return 2
+    return 1 if wrong else 0
+
+
+def _cmd_bench(args) -> int:
+    """Runs benchmarks/run.py of the source checkout this package was installed from."""
+    import runpy
+
+    runner = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+    if not runner.exists():
+        print("nanops bench: benchmarks/ ships with the source checkout only; install with "
+              "`pip install --no-build-isolation -e .` from a clone", file=sys.stderr)
+        return 2
+    sys.argv = [str(runner)] + (["--only", args.only] if args.only else [])
+    try:
+        runpy.run_path(str(runner), run_name="__main__")
+    except SystemExit as done:
+        return int(done.code or 0)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nanops", description="NaN-proof kernels for Transformer-YOLOv5 training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("--patch", action="store_true", help="swap in nanops' TransformerLayer first")
     check.add_argument("--inject-nan", action="store_true", help="put a NaN in the input to see the report")
     check.set_defaults(fn=_cmd_check)
+    doctor = sub.add_parser("doctor", help="check YOLO labels and hyperparameters for causes of NaN")
+    doctor.add_argument("data", nargs="?", help="a yolov5 data yaml, or a folder of YOLO label files")
+    doctor.add_argument("--hyp", help="a yolov5 hyp yaml to check")
+    doctor.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW", "RMSProp"])
+    doctor.add_argument("--fix-to", help="write cleaned copies of the label files here (originals untouched)")
+    doctor.add_argument("--max-report", type=int, default=200, help="print at most this many problems")
+    doctor.set_defaults(fn=_cmd_doctor)
+    bench = sub.add_parser("bench", help="run every benchmark on this device; one table, JSON and a chart")
+    bench.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip)")
+    bench.set_defaults(fn=_cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)
 

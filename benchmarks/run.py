@@ -1,0 +1,82 @@
+"""Runs every benchmarks/bench_*.py on the current device and writes one report.
+
+    python benchmarks/run.py [--only softmax,clip]      (also: nanops bench)
+
+Prints one table (op, case, baseline, times, ratio, GB/s) and writes report.json and report.png
+under benchmarks/results/<device>/, beside each benchmark's own JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from common import bench_device, device_slug, environment, RESULTS_DIR  # noqa: E402
+
+
+def discover(only: set[str] | None) -> list[str]:
+    names = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
+    return [n for n in names if only is None or n in only]
+
+
+def print_report(rows: list[dict]) -> None:
+    header = f"{'op':<12} {'case':<44} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'GB/s':>7}"
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        gbps = f"{r['nanops_gbps']:.1f}" if r.get("nanops_gbps") else ""
+        print(f"{r['op']:<12} {r['case'][:44]:<44} {r['baseline'][:34]:<34} {r['baseline_ms']:>9.3f} "
+              f"{r['nanops_ms']:>10.3f} {r['speedup']:>6.2f}x {gbps:>7}")
+
+
+def save_chart(rows: list[dict], path: Path, title: str) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    labels = [f"{r['op']}: {r['case'][:40]} vs {r['baseline'][:28]}" for r in rows]
+    ratios = [r["speedup"] for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 0.32 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), ratios, color=["tab:green" if v >= 1 else "tab:red" for v in ratios])
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("speedup of nanops over the baseline (log scale; > 1 is faster)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip)")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    device = bench_device()
+    rows = []
+    for name in discover(only):
+        print(f"\n=== bench_{name} ===", flush=True)
+        module = importlib.import_module(f"bench_{name}")
+        rows += [{"op": name, **r} for r in module.main([])]
+    env = environment(device)
+    folder = RESULTS_DIR / device_slug(device)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "report.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
+    chart = save_chart(rows, folder / "report.png", f"nanops on {env['device']} (torch {env['torch']}, {env['commit']})")
+    print_report(rows)
+    print(f"\nreport: {folder / 'report.json'}" + (f", chart: {chart}" if chart else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,259 @@
+"""`nanops doctor`: the NaN causes a kernel cannot fix, checked from files.
+
+Labels: every YOLO label file of a yolov5 data yaml (or a labels folder) is parsed once and all
+rows are checked together as one array: column count, non-numeric text, non-integer, negative
+or out-of-range class ids, non-finite values, coordinates outside [0, 1] (unnormalised boxes),
+zero or negative width/height, duplicate rows. Each problem is reported as `file:line: problem`.
+Hyperparameters: lr0/optimizer combinations known to diverge (Adam/AdamW with SGD's lr0).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+
+class DoctorError(Exception):
+    """The input itself could not be read (missing path, unreadable yaml): exit status 2."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: Path
+    line: int  # 1-based; 0 for the file as a whole
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.message}"
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the label files
+# --------------------------------------------------------------------------------------------
+
+def _images_to_labels(path: Path) -> Path:
+    """yolov5's rule: the last /images/ path component becomes /labels/, the suffix .txt."""
+    parts = list(path.parts)
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    out = Path(*parts)
+    return out if path.is_dir() else out.with_suffix(".txt")
+
+
+def _split_label_files(root: Path, entry: str) -> list[Path]:
+    source = Path(entry)
+    source = source if source.is_absolute() else root / source
+    if source.is_dir():
+        labels = _images_to_labels(source)
+        if not labels.is_dir():
+            raise DoctorError(f"{source}: no labels folder at {labels} (yolov5 looks for /labels/ beside /images/)")
+        return sorted(labels.rglob("*.txt"))
+    if source.is_file() and source.suffix == ".txt":
+        images = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        files = [_images_to_labels(Path(p) if Path(p).is_absolute() else source.parent / p) for p in images]
+        return [f for f in files if f.exists()]  # an image without a label file is a background image
+    raise DoctorError(f"{source}: not found (expected a folder of images or a .txt list of images)")
+
+
+def find_label_files(data: Path) -> tuple[list[Path], int | None]:
+    """Label files named by a yolov5 data yaml (train/val/test) or under a labels folder, and nc."""
+    if not data.exists():
+        raise DoctorError(f"{data}: no such file or folder")
+    if data.is_dir():
+        return sorted(data.rglob("*.txt")), None
+    if data.suffix not in (".yaml", ".yml"):
+        raise DoctorError(f"{data}: expected a yolov5 data yaml or a folder of label files")
+    try:
+        cfg = yaml.safe_load(data.read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise DoctorError(f"{data}: cannot read the data yaml: {err}") from err
+    root = Path(cfg.get("path") or ".")
+    if not root.is_absolute():
+        root = data.parent / root
+    names = cfg.get("names")
+    nc = cfg.get("nc", len(names) if names is not None else None)
+    files: dict[Path, None] = {}
+    for split in ("train", "val", "test"):
+        entries = cfg.get(split)
+        for entry in [entries] if isinstance(entries, str) else entries or []:
+            for f in _split_label_files(root, entry):
+                files[f.resolve()] = None
+    if not files and not any(cfg.get(s) for s in ("train", "val", "test")):
+        raise DoctorError(f"{data}: names no train/val/test images")
+    return list(files), nc
+
+
+# --------------------------------------------------------------------------------------------
+# Checking the labels
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LabelReport:
+    files: int
+    rows: int
+    problems: list[Problem]
+    bad_rows: dict[Path, set[int]]  # lines to drop per file, for --fix-to
+
+
+def _parse_rows(rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
+    """Float array of the 5-token rows (NaN where a row has a non-number) and a per-row numeric flag."""
+    flat = [token for row in rows for token in row]
+    try:
+        # float() over one flat list is several times faster than numpy's string conversion.
+        values = np.fromiter(map(float, flat), dtype=np.float64, count=len(flat)).reshape(len(rows), 5)
+        return values, np.ones(len(rows), dtype=bool)
+    except ValueError:
+        pass  # some token is not a number: find which rows, the rest still get checked
+    out = np.full((len(rows), 5), np.nan)
+    numeric = np.ones(len(rows), dtype=bool)
+    for i, row in enumerate(rows):
+        try:
+            out[i] = [float(t) for t in row]
+        except ValueError:
+            numeric[i] = False
+    return out, numeric
+
+
+def check_labels(files: list[Path], nc: int | None = None) -> LabelReport:
+    """Checks every row of every label file; see the module docstring for what is checked."""
+    problems: list[Problem] = []
+    rows: list[list[str]] = []
+    where: list[tuple[int, int]] = []  # (file index, line number) of each 5-column row
+    for fi, path in enumerate(files):
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            problems.append(Problem(path, 0, f"cannot read the label file: {err}"))
+            continue
+        split_lines = [line.split() for line in text.splitlines()]
+        if all(len(tokens) == 5 for tokens in split_lines):  # the usual file: take all rows at once
+            rows.extend(split_lines)
+            where.extend((fi, ln) for ln in range(1, len(split_lines) + 1))
+            continue
+        for ln, tokens in enumerate(split_lines, start=1):
+            line = " ".join(tokens)
+            if not tokens:
+                continue
+            if len(tokens) == 5:
+                rows.append(tokens)
+                where.append((fi, ln))
+            elif len(tokens) >= 7 and len(tokens) % 2 == 1:  # a segment: class x1 y1 x2 y2 ...
+                try:
+                    values = np.array(tokens, dtype=np.float64)
+                except ValueError:
+                    problems.append(Problem(path, ln, f"non-numeric text in a segment row: {line.strip()!r}"))
+                    continue
+                xy = values[1:].reshape(-1, 2)
+                x0, y0 = xy.min(0)
+                x1, y1 = xy.max(0)
+                rows.append([tokens[0], str((x0 + x1) / 2), str((y0 + y1) / 2), str(x1 - x0), str(y1 - y0)])
+                where.append((fi, ln))
+            else:
+                problems.append(Problem(path, ln, f"expected 5 columns (class x_center y_center width height), "
+                                                  f"got {len(tokens)}"))
+    if rows:
+        values, numeric = _parse_rows(rows)
+        file_idx = np.array([w[0] for w in where])
+        line_no = np.array([w[1] for w in where])
+        cls, xywh = values[:, 0], values[:, 1:]
+        checks = [
+            (~numeric, lambda i: f"non-numeric text: {' '.join(rows[i])!r}"),
+            (numeric & ~np.isfinite(values).all(1), lambda i: f"non-finite value: {' '.join(rows[i])}"),
+            (numeric & np.isfinite(cls) & (cls < 0), lambda i: f"negative class id {rows[i][0]}"),
+            (numeric & np.isfinite(cls) & (cls >= 0) & (cls != np.round(cls)),
+             lambda i: f"class id {rows[i][0]} is not an integer"),
+            (numeric & np.isfinite(xywh).all(1) & ((xywh < 0) | (xywh > 1)).any(1),
+             lambda i: f"coordinates outside [0, 1] (unnormalised box?): {' '.join(rows[i][1:])}"),
+            (numeric & np.isfinite(xywh[:, 2:]).all(1) & (xywh[:, 2:] <= 0).any(1),
+             lambda i: f"zero or negative width/height: w={rows[i][3]} h={rows[i][4]}"),
+        ]
+        if nc is not None:
+            checks.append((numeric & (cls == np.round(cls)) & (cls >= nc),
+                           lambda i: f"class id {rows[i][0]} out of range (nc={nc})"))
+        for mask, message in checks:
+            for i in np.flatnonzero(mask):
+                problems.append(Problem(files[file_idx[i]], int(line_no[i]), message(i)))
+        # Exact duplicate rows within a file (yolov5 drops them with a warning).
+        order = np.lexsort((line_no, *values.T[::-1], file_idx))
+        same = np.zeros(len(rows), dtype=bool)
+        same[1:] = (file_idx[order][1:] == file_idx[order][:-1]) & (values[order][1:] == values[order][:-1]).all(1)
+        for k in np.flatnonzero(same):
+            i, first = order[k], order[k - 1]
+            problems.append(Problem(files[file_idx[i]], int(line_no[i]), f"duplicate of line {line_no[first]}"))
+    problems.sort(key=lambda p: (str(p.file), p.line))
+    bad_rows: dict[Path, set[int]] = {}
+    for p in problems:
+        bad_rows.setdefault(p.file, set()).add(p.line)
+    return LabelReport(files=len(files), rows=len(rows), problems=problems, bad_rows=bad_rows)
+
+
+def write_fixed_copies(files: list[Path], report: LabelReport, out_dir: Path) -> int:
+    """Copies every label file under out_dir (same relative layout), bad rows dropped. Originals
+    are never touched; returns how many rows were dropped."""
+    if not files:
+        return 0
+    base = Path(os.path.commonpath([str(f.parent) for f in files]))
+    dropped = 0
+    for f in files:
+        target = out_dir / f.relative_to(base)
+        if target.resolve() == f.resolve():
+            raise DoctorError(f"--fix-to {out_dir} would overwrite {f}; choose another folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        bad = report.bad_rows.get(f)
+        if not bad:
+            shutil.copyfile(f, target)
+            continue
+        if 0 in bad:  # unreadable: nothing to copy
+            continue
+        kept = [line for ln, line in enumerate(f.read_text().splitlines(), start=1) if ln not in bad]
+        dropped += sum(1 for ln in bad if ln > 0)
+        target.write_text("\n".join(kept) + ("\n" if kept else ""))
+    return dropped
+
+
+# --------------------------------------------------------------------------------------------
+# Hyperparameters
+# --------------------------------------------------------------------------------------------
+
+def check_hyp(hyp: dict, optimizer: str = "SGD") -> list[str]:
+    """Warnings for yolov5 hyperparameters known to drive training into NaN, each with its reason."""
+    if "lr0" not in hyp:
+        raise DoctorError("the hyp file has no lr0")
+    lr0 = float(hyp["lr0"])
+    momentum = float(hyp.get("momentum", 0.937))
+    warmup_bias_lr = float(hyp.get("warmup_bias_lr", 0.1))
+    warnings: list[str] = []
+    adaptive = optimizer in ("Adam", "AdamW", "RMSProp")
+    if adaptive and lr0 > 3e-3:
+        warnings.append(
+            f"lr0={lr0:g} with {optimizer}: adaptive optimizers move every weight by about lr0 per step whatever "
+            f"the gradient's size, so SGD's lr0 (0.01 in yolov5's hyps) is ~10x what they tolerate and losses "
+            f"blow up to NaN within the first epochs; use lr0=0.001 (yolov5's own choice for Adam)")
+    if adaptive and warmup_bias_lr > 10 * lr0:
+        warnings.append(
+            f"warmup_bias_lr={warmup_bias_lr:g} with {optimizer} and lr0={lr0:g}: warm-up starts the biases at "
+            f"{warmup_bias_lr / lr0:.0f}x lr0, a step size {optimizer} cannot absorb; set warmup_bias_lr close to lr0")
+    if optimizer == "SGD" and lr0 > 0.1:
+        warnings.append(f"lr0={lr0:g} with SGD: more than 10x yolov5's 0.01; expect the loss to diverge")
+    if not 0 <= momentum < 1:
+        warnings.append(f"momentum={momentum:g}: must lie in [0, 1) ({'beta1 of ' + optimizer if adaptive else 'SGD'}"
+                        f" diverges otherwise)")
+    if float(hyp.get("weight_decay", 0.0)) > 0.01:
+        warnings.append(f"weight_decay={float(hyp['weight_decay']):g}: 20x yolov5's 0.0005 or more; weights collapse")
+    return warnings
+
+
+def load_hyp(path: Path) -> dict:
+    try:
+        hyp = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise DoctorError(f"{path}: cannot read the hyp file: {err}") from err
+    if not isinstance(hyp, dict):
+        raise DoctorError(f"{path}: not a yolov5 hyp file (expected a mapping)")
+    return hyp
