@@ -8,87 +8,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "cpu/grad_norm_variants.h"
 #include "cpu/multi_tensor.h"
 #include "norm_math.h"
 #include "tensor_list.h"
 
 namespace nanops {
 namespace {
-
-constexpr int kLanes = 8;  // independent accumulators: lets the compiler vectorise without reassociation
-
-// One read of a chunk summing |x * s|^p directly in float64. Returns false when the chunk needs
-// the exact path: it holds NaN/Inf, or its magnitudes are too large or small for a direct sum.
-template <typename T, NormKind kKind>
-bool fast_partial(const T* x, int64_t n, double p, double s, NormPartial& out) {
-  double acc[kLanes] = {}, amax[kLanes] = {}, bad[kLanes] = {};
-  auto visit = [&](int lane, T value) {
-    const double v = std::fabs(static_cast<double>(value) * s);
-    bad[lane] += v - v;  // NaN once any v is NaN or Inf
-    amax[lane] = v > amax[lane] ? v : amax[lane];
-    if constexpr (kKind == NormKind::Zero) {
-      acc[lane] += v != 0.0;
-    } else if constexpr (kKind != NormKind::Inf) {
-      acc[lane] += pow_p(v, kKind, p);
-    }
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int lane = 0; lane < kLanes; ++lane) visit(lane, x[i + lane]);
-  }
-  for (; i < n; ++i) visit(0, x[i]);
-  double sum = 0.0, max = 0.0, nonfinite = 0.0;
-  for (int lane = 0; lane < kLanes; ++lane) {
-    sum += acc[lane];
-    max = std::max(max, amax[lane]);
-    nonfinite += bad[lane];
-  }
-  if (nonfinite != 0.0 || std::isnan(nonfinite)) return false;
-  const bool needs_scaling = kKind == NormKind::One || kKind == NormKind::Two || kKind == NormKind::General;
-  if (needs_scaling && max > 0.0 && !direct_sum_ok(max, p)) return false;
-  out = NormPartial{sum > 0.0 ? 1.0 : 0.0, sum, max, 0.0, 0.0};
-  if (kKind == NormKind::Zero || kKind == NormKind::Inf) out.scale = 1.0;
-  return true;
-}
-
-// Branchy but exact: finite values only, flags for the rest, sum relative to the chunk's max.
-template <typename T>
-NormPartial exact_partial(const T* x, int64_t n, NormKind kind, double p, double s) {
-  NormPartial out{1.0, 0.0, 0.0, 0.0, 0.0};
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = std::fabs(static_cast<double>(x[i]) * s);
-    if (std::isnan(v)) {
-      out.has_nan = 1.0;
-    } else if (std::isinf(v)) {
-      out.has_inf = 1.0;
-    } else {
-      out.amax = std::max(out.amax, v);
-    }
-    if (kind == NormKind::Zero) out.rel += v != 0.0;
-  }
-  if (kind == NormKind::Zero || kind == NormKind::Inf) return out;
-  out.scale = out.amax;
-  if (out.amax == 0.0) return out;
-  for (int64_t i = 0; i < n; ++i) {
-    const double v = std::fabs(static_cast<double>(x[i]) * s);
-    if (std::isfinite(v)) out.rel += pow_p(v / out.amax, kind, p);
-  }
-  return out;
-}
-
-template <typename T>
-NormPartial chunk_partial(const T* x, int64_t n, NormKind kind, double p, double s) {
-  NormPartial out{};
-  bool done = false;
-  switch (kind) {
-    case NormKind::Zero: done = fast_partial<T, NormKind::Zero>(x, n, p, s, out); break;
-    case NormKind::One: done = fast_partial<T, NormKind::One>(x, n, p, s, out); break;
-    case NormKind::Two: done = fast_partial<T, NormKind::Two>(x, n, p, s, out); break;
-    case NormKind::Inf: done = fast_partial<T, NormKind::Inf>(x, n, p, s, out); break;
-    case NormKind::General: done = fast_partial<T, NormKind::General>(x, n, p, s, out); break;
-  }
-  return done ? out : exact_partial(x, n, kind, p, s);
-}
 
 at::Tensor grad_norm_summary_cpu(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& inv_scale) {
   TORCH_CHECK(!tensors.empty(), "grad_norm_summary: empty tensor list");
@@ -101,15 +27,15 @@ at::Tensor grad_norm_summary_cpu(at::TensorList tensors, double norm_type, const
   const std::vector<FlatView> views = flat_views(tensors, copies);
   const std::vector<cpu::Chunk> chunks = cpu::make_chunks(views);
   std::vector<double> partials(chunks.size() * kSummaryFields);
-  cpu::parallel_for_chunks(chunks, [&](int64_t c) {
-    const cpu::Chunk& chunk = chunks[c];
-    const FlatView& view = views[chunk.view];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.dtype, "grad_norm_summary_cpu", [&] {
-      const NormPartial part = chunk_partial(static_cast<const scalar_t*>(view.data) + chunk.begin,
-                                             chunk.end - chunk.begin, kind, norm_type, s);
-      std::copy_n(&part.scale, kSummaryFields, &partials[c * kSummaryFields]);
-    });
-  });
+#if defined(__x86_64__)
+  if (cpu::cpu_has_avx2()) {
+    cpu::avx2::norm_partials(views, chunks, kind, norm_type, s, partials.data());
+  } else {
+    cpu::base::norm_partials(views, chunks, kind, norm_type, s, partials.data());
+  }
+#else
+  cpu::base::norm_partials(views, chunks, kind, norm_type, s, partials.data());
+#endif
   const NormPartial summary = combine_partials(partials.data(), static_cast<int64_t>(chunks.size()), kind, norm_type);
   at::Tensor out = at::empty({kSummaryFields}, at::TensorOptions().dtype(at::kDouble));
   std::copy_n(&summary.scale, kSummaryFields, out.data_ptr<double>());

@@ -4,6 +4,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
+#include "cpu/isa.h"
 #include "softmax_problem.h"
 
 namespace nanops::cpu {
@@ -19,15 +20,5 @@ NANOPS_DECLARE_SOFTMAX_ROWS(base)
 NANOPS_DECLARE_SOFTMAX_ROWS(avx2)
 #endif
 #undef NANOPS_DECLARE_SOFTMAX_ROWS
-
-// AVX2 + FMA (+ F16C, present on every AVX2 x86 CPU): ATen's 256-bit vectors and Sleef's exp.
-inline bool cpu_has_avx2() {
-#if defined(__x86_64__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
-#else
-  return false;
-#endif
-}
 
 }  // namespace nanops::cpu

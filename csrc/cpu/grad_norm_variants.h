@@ -1,0 +1,27 @@
+// The instruction-set variants of the CPU grad-norm chunk partials (see grad_norm_chunks.h).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "cpu/isa.h"
+#include "cpu/multi_tensor.h"
+#include "norm_math.h"
+#include "tensor_list.h"
+
+namespace nanops::cpu {
+
+// Writes one NormPartial row (kSummaryFields doubles) per chunk of |x * s| into `partials`.
+#define NANOPS_DECLARE_NORM_PARTIALS(variant)                                                        \
+  namespace variant {                                                                                \
+  void norm_partials(const std::vector<FlatView>& views, const std::vector<Chunk>& chunks, NormKind kind, \
+                     double p, double s, double* partials);                                          \
+  }
+
+NANOPS_DECLARE_NORM_PARTIALS(base)
+#if defined(__x86_64__)
+NANOPS_DECLARE_NORM_PARTIALS(avx2)
+#endif
+#undef NANOPS_DECLARE_NORM_PARTIALS
+
+}  // namespace nanops::cpu
