@@ -37,22 +37,23 @@ def _norm_dtype(grads: list[torch.Tensor]) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def _check_grads(grads: list[torch.Tensor]) -> None:
-    for i, g in enumerate(grads):
-        if not g.dtype.is_floating_point:
-            raise ValueError(f"gradient {i} has dtype {g.dtype}; only floating-point gradients can be clipped")
-        check_device(g.device, "clip_grad_norm_")
-
-
-def _by_device(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+def _group_grads(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
+    """Checks the grads (floating point, a kernel for their device) and groups them by device,
+    in one pass: this runs on every optimizer step."""
     groups: dict[torch.device, list[torch.Tensor]] = {}
-    for g in grads:
-        groups.setdefault(g.device, []).append(g)
+    for i, g in enumerate(grads):
+        if not g.is_floating_point():
+            raise ValueError(f"gradient {i} has dtype {g.dtype}; only floating-point gradients can be clipped")
+        group = groups.get(g.device)
+        if group is None:
+            check_device(g.device, "clip_grad_norm_")
+            group = groups[g.device] = []
+        group.append(g)
     return groups
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if t is None else t.to(device, non_blocking=True)
+    return t if t is None or t.device == device else t.to(device, non_blocking=True)
 
 
 def _summaries(
@@ -64,7 +65,7 @@ def _summaries(
     """(k, 5) float64 norm summaries on the first group's device: one row per device (per rank)."""
     rows = [torch.ops.nanops.grad_norm_summary.default(gs, p, _on(inv_scale, dev)) for dev, gs in groups.items()]
     home = next(iter(groups))
-    local = torch.stack([r.to(home, non_blocking=True) for r in rows])
+    local = rows[0].unsqueeze(0) if len(rows) == 1 else torch.stack([_on(r, home) for r in rows])
     if process_group is None:
         return local
     import torch.distributed as dist
@@ -120,8 +121,7 @@ def clip_grad_norm_(
     if not grads:
         return torch.tensor(0.0)
     p = _check_norm_type(norm_type)
-    _check_grads(grads)
-    groups = _by_device(grads)
+    groups = _group_grads(grads)
     home = next(iter(groups))
     summaries = _summaries(groups, p, inv_scale, process_group)
     total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
@@ -154,8 +154,7 @@ def get_total_norm(
     if not tensor_list:
         return torch.tensor(0.0)
     p = _check_norm_type(norm_type)
-    _check_grads(tensor_list)
-    groups = _by_device(tensor_list)
+    groups = _group_grads(tensor_list)
     summaries = _summaries(groups, p, None, None)
     total_norm, _ = torch.ops.nanops.clip_coef_from_summaries.default(
         summaries, p, math.inf, None, None, _norm_dtype(tensor_list)
@@ -182,8 +181,7 @@ def clip_grads_with_norm_(
     grads, _ = _grad_list(parameters, "clipping")
     if not grads:
         return
-    _check_grads(grads)
-    for dev, gs in _by_device(grads).items():
+    for dev, gs in _group_grads(grads).items():
         norm = total_norm.to(dev, dtype=torch.float64, non_blocking=True)
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))

@@ -11,6 +11,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/softmax_rows_variants.h"
@@ -40,6 +41,23 @@ void to_acc(const T* x, int64_t n, Acc<T>* z) {
     for (; j + AccVec::size() <= n; j += AccVec::size()) AccVec::loadu(x + j).store(z + j);
   }
   for (; j < n; ++j) z[j] = static_cast<Acc<T>>(x[j]);
+}
+
+// y[0:n] = z[0:n] * factor, converted to T in the same pass.
+template <typename T>
+void from_acc_scaled(const Acc<T>* z, int64_t n, Acc<T> factor, T* y) {
+  using AccVec = at::vec::Vectorized<Acc<T>>;
+  const AccVec f(factor);
+  int64_t j = 0;
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    using Vec = at::vec::Vectorized<T>;
+    for (; j + Vec::size() <= n; j += Vec::size()) {
+      at::vec::convert_from_float<T>(AccVec::loadu(z + j) * f, AccVec::loadu(z + j + AccVec::size()) * f).store(y + j);
+    }
+  } else {
+    for (; j + AccVec::size() <= n; j += AccVec::size()) (AccVec::loadu(z + j) * f).store(y + j);
+  }
+  for (; j < n; ++j) y[j] = static_cast<T>(z[j] * factor);
 }
 
 template <typename T>
@@ -160,9 +178,7 @@ void softmax_row_store(Acc<T>* z, int64_t len, Acc<T> max, T* y) {
     z[j] = std::exp(z[j] - max);
     sum += z[j];
   }
-  const acc_t inv = acc_t(1) / sum;
-  at::vec::map([inv](Vec v) { return v * Vec(inv); }, z, z, len);
-  from_acc(z, len, y);
+  from_acc_scaled(z, len, acc_t(1) / sum, y);
 }
 
 }  // namespace
@@ -187,26 +203,45 @@ void softmax_forward_rows(const SoftmaxProblem& p, double scale, at::Tensor& out
   });
 }
 
+namespace {
+
+// grad_x = s * y * (g - <g, y>) for rows [begin, end).
+template <typename T>
+void backward_row_range(const T* gs, const T* ys, T* out, int64_t begin, int64_t end, int64_t len, Acc<T> s) {
+  using acc_t = Acc<T>;
+  using Vec = at::vec::Vectorized<acc_t>;
+  auto grad_x = [s](acc_t dot) { return [s, dot](Vec gv, Vec yv) { return Vec(s) * yv * (gv - Vec(dot)); }; };
+  auto dot_of = [](const acc_t* a, const acc_t* b, int64_t n) {
+    return at::vec::map2_reduce_all<acc_t>([](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; },
+                                           a, b, n);
+  };
+  if constexpr (std::is_same_v<T, acc_t>) {
+    // No conversion needed: one dot pass and one write pass straight over the rows.
+    for (int64_t r = begin; r < end; ++r) {
+      at::vec::map2(grad_x(dot_of(gs + r * len, ys + r * len, len)), out + r * len, gs + r * len, ys + r * len, len);
+    }
+  } else {
+    std::vector<acc_t> g(len), yy(len);
+    for (int64_t r = begin; r < end; ++r) {
+      to_acc(gs + r * len, len, g.data());
+      to_acc(ys + r * len, len, yy.data());
+      at::vec::map2(grad_x(dot_of(g.data(), yy.data(), len)), g.data(), g.data(), yy.data(), len);
+      from_acc(g.data(), len, out + r * len);
+    }
+  }
+}
+
+}  // namespace
+
 void softmax_backward_rows(const SoftmaxProblem& p, const at::Tensor& y_last, double scale, at::Tensor& grad_x) {
   const int64_t len = p.len;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "stable_softmax_backward_cpu", [&] {
-    using acc_t = Acc<scalar_t>;
-    using Vec = at::vec::Vectorized<acc_t>;
     const scalar_t* gs = p.x.const_data_ptr<scalar_t>();
     const scalar_t* ys = y_last.const_data_ptr<scalar_t>();
     scalar_t* out = grad_x.data_ptr<scalar_t>();
-    const acc_t s = static_cast<acc_t>(scale);
+    const auto s = static_cast<Acc<scalar_t>>(scale);
     at::parallel_for(0, p.rows, grain_rows(len), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> g(len), yy(len);
-      for (int64_t r = begin; r < end; ++r) {
-        to_acc(gs + r * len, len, g.data());
-        to_acc(ys + r * len, len, yy.data());
-        const acc_t dot = at::vec::map2_reduce_all<acc_t>(
-            [](Vec a, Vec b) { return a * b; }, [](Vec a, Vec b) { return a + b; }, g.data(), yy.data(), len);
-        at::vec::map2([s, dot](Vec gv, Vec yv) { return Vec(s) * yv * (gv - Vec(dot)); }, g.data(), g.data(),
-                      yy.data(), len);
-        from_acc(g.data(), len, out + r * len);
-      }
+      backward_row_range(gs, ys, out, begin, end, len, s);
     });
   });
 }
