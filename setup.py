@@ -49,7 +49,10 @@ def _extension():
     opt = ["-O0", "-g"] if debug else ["-O3"]
     # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel`; without the flag
     # every CPU kernel would silently run on one thread.
-    cxx_flags = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas"]
+    # -Wno-psabi: torch's vec256 headers return 256-bit vectors from inline helpers; GCC notes the
+    # ABI differs from non-AVX code, which never matters here (each ISA copy calls only itself).
+    cxx_flags = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
+                       "-Wno-psabi"]
     nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall,-fopenmp"]
     define_macros = [("NANOPS_WITH_CUDA", "1")] if with_cuda else []
 

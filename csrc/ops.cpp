@@ -7,7 +7,8 @@ extern "C" {
 // Importing nanops._C runs the static TORCH_LIBRARY registrations below; the
 // module itself exposes nothing (ops are reached through torch.ops.nanops).
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr, nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
