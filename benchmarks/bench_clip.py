@@ -12,7 +12,7 @@ import sys
 import torch
 
 import nanops
-from common import bench_device, print_table, row, write_results, yolov5_transformer_grads
+from common import bench_device, report, row, yolov5_transformer_grads
 from timing import measure
 
 MAX_NORM = 1.0
@@ -67,9 +67,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row(f"{name} +AMP unscale", "torch unscale_ + clip (foreach)", base_amp, ours_amp, 3 * nbytes))
         except (RuntimeError, NotImplementedError) as err:
             print(f"  (torch fused unscale unavailable on {device.type}: {err.__class__.__name__})")
-    print_table(f"clip_grad_norm_ on {device}", rows)
-    print(f"results: {write_results('clip', device, rows)}")
-    return rows
+    return report("clip", f"clip_grad_norm_ on {device}", device, rows)
 
 
 if __name__ == "__main__":

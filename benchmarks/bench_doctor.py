@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from common import print_table, row, write_results
+from common import report, row
 from nanops.doctor import check_labels
 from timing import measure
 
@@ -48,10 +48,9 @@ def main(argv=None) -> list[dict]:
     rows = [row(f"label check, {NUM_FILES} files x 8-9 rows", "per-line Python validator", base, ours,
                 files_per_s=NUM_FILES / (ours.median_ms / 1e3), budget_s=BUDGET_S,
                 budget_met=ours.median_ms / 1e3 <= BUDGET_S)]
-    print_table("nanops doctor on cpu", rows)
+    report("doctor", "nanops doctor on cpu", device, rows)
     print(f"{NUM_FILES} files in {ours.median_ms / 1e3:.2f} s: budget of {BUDGET_S:.0f} s "
           f"{'met' if rows[0]['budget_met'] else 'NOT met'}")
-    print(f"results: {write_results('doctor', device, rows)}")
     return rows
 
 

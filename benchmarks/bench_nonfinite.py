@@ -13,7 +13,7 @@ import sys
 import torch
 
 import nanops
-from common import bench_device, print_table, row, write_results, yolov5_transformer_grads
+from common import bench_device, report, row, yolov5_transformer_grads
 from timing import measure, rotation_count
 
 
@@ -53,9 +53,7 @@ def main(argv=None) -> list[dict]:
             rows.append(row(name, "torch._amp_foreach_non_finite_check", fused, ours, nbytes))
         except (RuntimeError, NotImplementedError) as err:  # not every device has the fused internal
             print(f"  (torch fused internal unavailable on {device.type}: {err.__class__.__name__})")
-    print_table(f"nonfinite_counts on {device}", rows)
-    print(f"results: {write_results('nonfinite', device, rows)}")
-    return rows
+    return report("nonfinite", f"nonfinite_counts on {device}", device, rows)
 
 
 if __name__ == "__main__":

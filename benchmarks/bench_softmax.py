@@ -12,7 +12,7 @@ import sys
 import torch
 
 import nanops
-from common import bench_device, print_table, row, write_results
+from common import bench_device, report, row
 from timing import measure, rotation_count
 
 
@@ -62,9 +62,7 @@ def main(argv=None) -> list[dict]:
                             t_ours_b))
             rows.append(row(f"fwd+bwd {case}", "torch.softmax(x*scale + mask)",
                             measure(fwd_bwd(torch_unfused), grad_inputs, device), t_ours_b))
-    print_table(f"stable_softmax on {device}", rows)
-    print(f"results: {write_results('softmax', device, rows)}")
-    return rows
+    return report("softmax", f"stable_softmax on {device}", device, rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 import torch
 
 import nanops
-from common import bench_device, print_table, row, write_results
+from common import bench_device, report, row
 from nanops._yolov5_env import build_transformer_model, import_yolov5_common
 from nanops.yolov5 import patch
 from timing import measure
@@ -79,9 +79,7 @@ def step_rows(device) -> list[dict]:
 def main(argv=None) -> list[dict]:
     device = bench_device()
     rows = layer_rows(device) + step_rows(device)
-    print_table(f"TransformerLayer and training step on {device}", rows)
-    print(f"results: {write_results('transformer', device, rows)}")
-    return rows
+    return report("transformer", f"TransformerLayer and training step on {device}", device, rows)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import torch
 
 import nanops
-from common import bench_device, print_table, row, write_results
+from common import bench_device, report, row
 from nanops._yolov5_env import build_transformer_model
 from timing import measure
 
@@ -43,9 +43,8 @@ def main(argv=None) -> list[dict]:
         row("train step, watch (vs detect_anomaly)", "torch.autograd.detect_anomaly", anomaly, watched,
             anomaly_overhead_pct=100 * (anomaly.median_ms / plain.median_ms - 1)),
     ]
-    print_table(f"first-NaN locator cost on {device}", rows)
+    report("watch", f"first-NaN locator cost on {device}", device, rows)
     print(f"watch overhead {rows[0]['overhead_pct']:.1f}%, detect_anomaly overhead {rows[1]['anomaly_overhead_pct']:.1f}%")
-    print(f"results: {write_results('watch', device, rows)}")
     return rows
 
 

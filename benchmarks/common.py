@@ -73,6 +73,13 @@ def print_table(title: str, rows: list[dict]) -> None:
               f"{r['speedup']:>6.2f}x {gbps:>7}")
 
 
+def report(name: str, title: str, device: torch.device, rows: list[dict]) -> list[dict]:
+    """The end of every benchmark: its table, its JSON, and the rows for benchmarks/run.py."""
+    print_table(title, rows)
+    print(f"results: {write_results(name, device, rows)}")
+    return rows
+
+
 def row(case: str, baseline: str, base, ours, bytes_moved: int | None = None, **extra) -> dict:
     """One comparison: speedup = baseline median / nanops median (> 1 means nanops is faster)."""
     out = {

@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .ops import SUMMARY_FIELDS, _tensor_list, check_device
+from .ops import _tensor_list, check_device
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
 

@@ -1,7 +1,6 @@
 import math
 import os
 import tempfile
-import warnings
 
 import pytest
 import torch

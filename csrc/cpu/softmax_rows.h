@@ -25,24 +25,6 @@ using Acc = at::opmath_type<T>;
 // Rows per parallel task: a few hundred microseconds of work for L ~ 400.
 int64_t grain_rows(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
-// z[0:n] = x[0:n] in the accumulation dtype, vectorised (16-bit types convert 2 vectors at once).
-template <typename T>
-void to_acc(const T* x, int64_t n, Acc<T>* z) {
-  using AccVec = at::vec::Vectorized<Acc<T>>;
-  int64_t j = 0;
-  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-    using Vec = at::vec::Vectorized<T>;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(x + j));
-      lo.store(z + j);
-      hi.store(z + j + AccVec::size());
-    }
-  } else {
-    for (; j + AccVec::size() <= n; j += AccVec::size()) AccVec::loadu(x + j).store(z + j);
-  }
-  for (; j < n; ++j) z[j] = static_cast<Acc<T>>(x[j]);
-}
-
 // y[0:n] = z[0:n] * factor, converted to T in the same pass.
 template <typename T>
 void from_acc_scaled(const Acc<T>* z, int64_t n, Acc<T> factor, T* y) {
@@ -58,21 +40,6 @@ void from_acc_scaled(const Acc<T>* z, int64_t n, Acc<T> factor, T* y) {
     for (; j + AccVec::size() <= n; j += AccVec::size()) (AccVec::loadu(z + j) * f).store(y + j);
   }
   for (; j < n; ++j) y[j] = static_cast<T>(z[j] * factor);
-}
-
-template <typename T>
-void from_acc(const Acc<T>* z, int64_t n, T* y) {
-  using AccVec = at::vec::Vectorized<Acc<T>>;
-  int64_t j = 0;
-  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-    using Vec = at::vec::Vectorized<T>;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      at::vec::convert_from_float<T>(AccVec::loadu(z + j), AccVec::loadu(z + j + AccVec::size())).store(y + j);
-    }
-  } else {
-    for (; j + AccVec::size() <= n; j += AccVec::size()) AccVec::loadu(z + j).store(y + j);
-  }
-  for (; j < n; ++j) y[j] = static_cast<T>(z[j]);
 }
 
 // Calls fn(j, v) for every full vector v = x[j : j + size] converted to the accumulation
@@ -92,6 +59,13 @@ int64_t for_each_acc_vec(const T* x, int64_t n, Fn&& fn) {
     for (; j + AccVec::size() <= n; j += AccVec::size()) fn(j, AccVec::loadu(x + j));
   }
   return j;
+}
+
+// z[0:n] = x[0:n] in the accumulation dtype, vectorised.
+template <typename T>
+void to_acc(const T* x, int64_t n, Acc<T>* z) {
+  int64_t j = for_each_acc_vec(x, n, [z](int64_t at, at::vec::Vectorized<Acc<T>> v) { v.store(z + at); });
+  for (; j < n; ++j) z[j] = static_cast<Acc<T>>(x[j]);
 }
 
 // Pass 1: z = scale * x + mask (masked-out bool positions at -inf); returns max(z), NaN if
@@ -226,7 +200,7 @@ void backward_row_range(const T* gs, const T* ys, T* out, int64_t begin, int64_t
       to_acc(gs + r * len, len, g.data());
       to_acc(ys + r * len, len, yy.data());
       at::vec::map2(grad_x(dot_of(g.data(), yy.data(), len)), g.data(), g.data(), yy.data(), len);
-      from_acc(g.data(), len, out + r * len);
+      from_acc_scaled(g.data(), len, Acc<T>(1), out + r * len);
     }
   }
 }
