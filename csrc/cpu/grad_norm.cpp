@@ -27,15 +27,7 @@ at::Tensor grad_norm_summary_cpu(at::TensorList tensors, double norm_type, const
   const std::vector<FlatView> views = flat_views(tensors, copies);
   const std::vector<cpu::Chunk> chunks = cpu::make_chunks(views);
   std::vector<double> partials(chunks.size() * kSummaryFields);
-#if defined(__x86_64__)
-  if (cpu::cpu_has_avx2()) {
-    cpu::avx2::norm_partials(views, chunks, kind, norm_type, s, partials.data());
-  } else {
-    cpu::base::norm_partials(views, chunks, kind, norm_type, s, partials.data());
-  }
-#else
-  cpu::base::norm_partials(views, chunks, kind, norm_type, s, partials.data());
-#endif
+  NANOPS_CPU_DISPATCH(norm_partials, views, chunks, kind, norm_type, s, partials.data());
   const NormPartial summary = combine_partials(partials.data(), static_cast<int64_t>(chunks.size()), kind, norm_type);
   at::Tensor out = at::empty({kSummaryFields}, at::TensorOptions().dtype(at::kDouble));
   std::copy_n(&summary.scale, kSummaryFields, out.data_ptr<double>());

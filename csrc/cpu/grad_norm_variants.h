@@ -12,16 +12,8 @@
 namespace nanops::cpu {
 
 // Writes one NormPartial row (kSummaryFields doubles) per chunk of |x * s| into `partials`.
-#define NANOPS_DECLARE_NORM_PARTIALS(variant)                                                        \
-  namespace variant {                                                                                \
-  void norm_partials(const std::vector<FlatView>& views, const std::vector<Chunk>& chunks, NormKind kind, \
-                     double p, double s, double* partials);                                          \
-  }
-
-NANOPS_DECLARE_NORM_PARTIALS(base)
-#if defined(__x86_64__)
-NANOPS_DECLARE_NORM_PARTIALS(avx2)
-#endif
-#undef NANOPS_DECLARE_NORM_PARTIALS
+NANOPS_DECLARE_PER_ISA(
+    void norm_partials(const std::vector<FlatView>& views, const std::vector<Chunk>& chunks, NormKind kind,
+                       double p, double s, double* partials);)
 
 }  // namespace nanops::cpu

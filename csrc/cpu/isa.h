@@ -15,3 +15,25 @@ inline bool cpu_has_avx2() {
 }
 
 }  // namespace nanops::cpu
+
+// Declares the same functions in every ISA namespace this build compiles (base, and avx2 on x86-64),
+// inside namespace nanops::cpu.
+// NANOPS_CPU_DISPATCH(fn, args...) calls the copy of nanops::cpu::<isa>::fn for the running CPU.
+#if defined(__x86_64__)
+#define NANOPS_DECLARE_PER_ISA(...) \
+  namespace base {                  \
+  __VA_ARGS__                       \
+  }                                 \
+  namespace avx2 {                  \
+  __VA_ARGS__                       \
+  }
+#define NANOPS_CPU_DISPATCH(fn, ...)                                                          \
+  (::nanops::cpu::cpu_has_avx2() ? ::nanops::cpu::avx2::fn(__VA_ARGS__) \
+                                 : ::nanops::cpu::base::fn(__VA_ARGS__))
+#else
+#define NANOPS_DECLARE_PER_ISA(...) \
+  namespace base {                  \
+  __VA_ARGS__                       \
+  }
+#define NANOPS_CPU_DISPATCH(fn, ...) ::nanops::cpu::base::fn(__VA_ARGS__)
+#endif

@@ -9,16 +9,8 @@
 
 namespace nanops::cpu {
 
-#define NANOPS_DECLARE_SOFTMAX_ROWS(variant)                                                              \
-  namespace variant {                                                                                     \
-  void softmax_forward_rows(const SoftmaxProblem& p, double scale, at::Tensor& out);                      \
-  void softmax_backward_rows(const SoftmaxProblem& p, const at::Tensor& y_last, double scale, at::Tensor& grad_x); \
-  }
-
-NANOPS_DECLARE_SOFTMAX_ROWS(base)
-#if defined(__x86_64__)
-NANOPS_DECLARE_SOFTMAX_ROWS(avx2)
-#endif
-#undef NANOPS_DECLARE_SOFTMAX_ROWS
+NANOPS_DECLARE_PER_ISA(
+    void softmax_forward_rows(const SoftmaxProblem& p, double scale, at::Tensor& out);
+    void softmax_backward_rows(const SoftmaxProblem& p, const at::Tensor& y_last, double scale, at::Tensor& grad_x);)
 
 }  // namespace nanops::cpu

@@ -14,15 +14,7 @@ namespace {
 at::Tensor stable_softmax_cpu(const at::Tensor& x, int64_t dim, double scale, const std::optional<at::Tensor>& mask) {
   const SoftmaxProblem p = make_softmax_problem(x, dim, mask);
   at::Tensor out = at::empty(p.x.sizes(), p.x.options());
-  if (p.rows > 0) {
-#if defined(__x86_64__)
-    if (cpu::cpu_has_avx2()) {
-      cpu::avx2::softmax_forward_rows(p, scale, out);
-      return restore_softmax_layout(out, p);
-    }
-#endif
-    cpu::base::softmax_forward_rows(p, scale, out);
-  }
+  if (p.rows > 0) NANOPS_CPU_DISPATCH(softmax_forward_rows, p, scale, out);
   return restore_softmax_layout(out, p);
 }
 
@@ -30,15 +22,7 @@ at::Tensor stable_softmax_backward_cpu(const at::Tensor& grad_y, const at::Tenso
   at::Tensor y_last;
   const SoftmaxProblem p = make_softmax_backward_problem(grad_y, y, dim, y_last);
   at::Tensor grad_x = at::empty(p.x.sizes(), p.x.options());
-  if (p.rows > 0) {
-#if defined(__x86_64__)
-    if (cpu::cpu_has_avx2()) {
-      cpu::avx2::softmax_backward_rows(p, y_last, scale, grad_x);
-      return restore_softmax_layout(grad_x, p);
-    }
-#endif
-    cpu::base::softmax_backward_rows(p, y_last, scale, grad_x);
-  }
+  if (p.rows > 0) NANOPS_CPU_DISPATCH(softmax_backward_rows, p, y_last, scale, grad_x);
   return restore_softmax_layout(grad_x, p);
 }
 
