@@ -90,25 +90,22 @@ class TransformerLayer(nn.Module):
 
 
 def _combined_mask(attn_mask, key_padding_mask, N, H, L, S):
-    """nn.MultiheadAttention masks -> one stable_softmax mask broadcastable to (N, H, L, S)."""
-    if attn_mask is None and key_padding_mask is None:
-        return None
-    mask = None
+    """nn.MultiheadAttention masks -> one stable_softmax mask broadcastable to (N, H, L, S).
+
+    MHA: bool True = not allowed, float = added. stable_softmax: bool True = takes part."""
+    masks = []
     if attn_mask is not None:
-        if attn_mask.dim() == 3:  # (N * H, L, S)
-            attn_mask = attn_mask.view(N, H, L, S)
-        mask = ~attn_mask if attn_mask.dtype == torch.bool else attn_mask.float()
+        masks.append(attn_mask.view(N, H, L, S) if attn_mask.dim() == 3 else attn_mask)
     if key_padding_mask is not None:
-        pad = key_padding_mask.view(N, 1, 1, S)
-        if pad.dtype != torch.bool:
-            pad_add = pad.float()
-            return pad_add if mask is None else (mask.float() if mask.dtype != torch.bool else
-                                                 torch.where(mask, 0.0, -math.inf)) + pad_add
-        keep = ~pad
-        if mask is None:
-            return keep
-        return keep & mask if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf)
-    return mask
+        masks.append(key_padding_mask.view(N, 1, 1, S))
+    masks = [~m if m.dtype == torch.bool else m.float() for m in masks]
+    if len(masks) < 2:
+        return masks[0] if masks else None
+    if all(m.dtype == torch.bool for m in masks):
+        return masks[0] & masks[1]
+    additive = [torch.zeros(m.shape, device=m.device).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m
+                for m in masks]
+    return additive[0] + additive[1]
 
 
 class TransformerBlock(nn.Module):
