@@ -42,11 +42,21 @@ SoftmaxProblem make_softmax_problem(const at::Tensor& x, int64_t dim, const std:
     TORCH_CHECK(ms == xs || ms == 1, "stable_softmax: mask of shape ", m.sizes(),
                 " does not broadcast to x of shape ", x.sizes(), " (dim ", -i, ": ", ms, " vs ", xs, ")");
   }
-  p.mask_kind = m.scalar_type() == at::kBool ? MaskKind::Bool : MaskKind::Additive;
-  // Additive masks are read in the accumulation dtype, so a -1e9 float32 mask on float16 logits
-  // keeps its meaning (it is not rounded to -inf). Converting the un-broadcast mask is cheap.
+  // Additive masks are added in the accumulation dtype, so a -1e9 float32 mask on float16 logits
+  // keeps its meaning (it is not rounded to -inf). A mask already in x's 16-bit dtype is read
+  // as it is; any other dtype is converted once here (the un-broadcast mask: cheap).
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  p.mask = p.mask_kind == MaskKind::Bool ? m : m.to(acc_dtype);
+  const bool like_x = m.scalar_type() == x.scalar_type() && x.element_size() == 2;
+  if (m.scalar_type() == at::kBool) {
+    p.mask_kind = MaskKind::Bool;
+    p.mask = m;
+  } else if (like_x) {
+    p.mask_kind = MaskKind::AdditiveLikeX;
+    p.mask = m;
+  } else {
+    p.mask_kind = MaskKind::Additive;
+    p.mask = m.to(acc_dtype);
+  }
   const at::Tensor view = move_dim_last(p.mask.expand(x.sizes()), p.dim);
   p.mask_index.ndim = static_cast<int>(view.dim() - 1);
   for (int d = 0; d < p.mask_index.ndim; ++d) {

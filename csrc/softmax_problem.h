@@ -14,7 +14,10 @@ namespace nanops {
 
 constexpr int kMaxSoftmaxDims = 8;  // leading (row) dims of the mask indexer
 
-enum class MaskKind { None, Bool, Additive };
+// Additive: a floating mask stored in the accumulation dtype (float32; float64 for float64 x).
+// AdditiveLikeX: a float16/bfloat16 mask on x of the same dtype, read as it is and widened in
+// the kernel (exact), which saves converting a (L, L) mask on every call.
+enum class MaskKind { None, Bool, Additive, AdditiveLikeX };
 
 // Maps a row of the (rows, len) problem to the start of its mask row.
 struct MaskIndexer {
@@ -39,7 +42,7 @@ struct SoftmaxProblem {
   int64_t len = 0;
   int64_t dim = 0;  // wrapped dim of the caller's tensor
   MaskKind mask_kind = MaskKind::None;
-  at::Tensor mask;  // bool, or the accumulation dtype (float32, float64 for float64 x)
+  at::Tensor mask;  // bool, x's 16-bit dtype, or the accumulation dtype (see MaskKind)
   MaskIndexer mask_index;
 };
 

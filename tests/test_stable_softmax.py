@@ -60,6 +60,20 @@ def test_masks_of_both_kinds_broadcast(device, dtype, mask_shape):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_shape", [(401, 401), (1, 401), (401, 1), (2, 1, 401, 401)])
+def test_additive_mask_in_x_dtype_is_read_exactly(device, dtype, mask_shape):
+    # A 16-bit mask on 16-bit x is read in place and widened in the kernel; widening is exact, so
+    # the result must be bitwise the one for the same mask converted to float32 up front.
+    x = torch.randn(2, 3, 401, 401, device=device).to(dtype)
+    mask = torch.randn(mask_shape, device=device).mul(4).to(dtype)
+    mask[..., :3] = -INF
+    y = nanops.stable_softmax(x, scale=0.125, mask=mask)
+    assert torch.equal(y, nanops.stable_softmax(x, scale=0.125, mask=mask.float()))
+    assert rel_error(y, reference_softmax(x, -1, 0.125, mask)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("length", [7, 400, 1600, 5000])
 def test_fully_masked_rows_give_zeros_and_zero_grad(device, length):
     x = torch.randn(4, length, device=device, dtype=torch.float64, requires_grad=True)

@@ -11,7 +11,7 @@
 #include <array>
 #include <cmath>
 #include <limits>
-#include <type_traits>
+#include <tuple>
 #include <vector>
 
 #include "cpu/softmax_rows_variants.h"
@@ -22,90 +22,105 @@ namespace {
 template <typename T>
 using Acc = at::opmath_type<T>;
 
+template <typename T>
+using AccVec = at::vec::Vectorized<Acc<T>>;
+
+// Every row loop steps by two accumulation vectors: one Vectorized<T> for 16-bit T (widened to
+// float in registers), two plain loads otherwise, so one loop body serves every dtype and the
+// two halves give two independent accumulator chains.
+template <typename T>
+constexpr int64_t kStep = 2 * AccVec<T>::size();
+
+template <typename T>
+std::tuple<AccVec<T>, AccVec<T>> load_acc_pair(const T* x) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    return at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(x));
+  } else {
+    return {AccVec<T>::loadu(x), AccVec<T>::loadu(x + AccVec<T>::size())};
+  }
+}
+
+template <typename T>
+void store_acc_pair(T* y, AccVec<T> lo, AccVec<T> hi) {
+  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
+    at::vec::convert_from_float<T>(lo, hi).store(y);
+  } else {
+    lo.store(y);
+    hi.store(y + AccVec<T>::size());
+  }
+}
+
+template <typename A, typename Op>
+A reduce_lanes(at::vec::Vectorized<A> v, A init, Op op) {
+  std::array<A, at::vec::Vectorized<A>::size()> lanes;
+  v.store(lanes.data());
+  for (const A lane : lanes) init = op(init, lane);
+  return init;
+}
+
 // Rows per parallel task: a few hundred microseconds of work for L ~ 400.
 int64_t grain_rows(int64_t len) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(len, 1)); }
 
-// y[0:n] = z[0:n] * factor, converted to T in the same pass.
-template <typename T>
-void from_acc_scaled(const Acc<T>* z, int64_t n, Acc<T> factor, T* y) {
-  using AccVec = at::vec::Vectorized<Acc<T>>;
-  const AccVec f(factor);
-  int64_t j = 0;
-  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-    using Vec = at::vec::Vectorized<T>;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      at::vec::convert_from_float<T>(AccVec::loadu(z + j) * f, AccVec::loadu(z + j + AccVec::size()) * f).store(y + j);
-    }
-  } else {
-    for (; j + AccVec::size() <= n; j += AccVec::size()) (AccVec::loadu(z + j) * f).store(y + j);
-  }
-  for (; j < n; ++j) y[j] = static_cast<T>(z[j] * factor);
-}
+// One row's mask. An additive mask is stored either in the accumulation dtype or in x's own
+// 16-bit dtype (M); both are widened as they are read, so neither needs a converted copy.
+template <typename M>
+struct MaskRow {
+  MaskKind kind = MaskKind::None;
+  const void* data = nullptr;  // start of this row's mask
+  int64_t stride = 0;          // along the row: 1, or 0 when the mask broadcasts there
 
-// Calls fn(j, v) for every full vector v = x[j : j + size] converted to the accumulation
-// dtype; returns the index where the scalar tail starts.
-template <typename T, typename Fn>
-int64_t for_each_acc_vec(const T* x, int64_t n, Fn&& fn) {
-  using AccVec = at::vec::Vectorized<Acc<T>>;
-  int64_t j = 0;
-  if constexpr (at::vec::is_reduced_floating_point_v<T>) {
-    using Vec = at::vec::Vectorized<T>;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(Vec::loadu(x + j));
-      fn(j, lo);
-      fn(j + AccVec::size(), hi);
-    }
-  } else {
-    for (; j + AccVec::size() <= n; j += AccVec::size()) fn(j, AccVec::loadu(x + j));
+  const M* additive() const {
+    return kind == MaskKind::Additive || kind == MaskKind::AdditiveLikeX ? static_cast<const M*>(data) : nullptr;
   }
-  return j;
-}
-
-// z[0:n] = x[0:n] in the accumulation dtype, vectorised.
-template <typename T>
-void to_acc(const T* x, int64_t n, Acc<T>* z) {
-  int64_t j = for_each_acc_vec(x, n, [z](int64_t at, at::vec::Vectorized<Acc<T>> v) { v.store(z + at); });
-  for (; j < n; ++j) z[j] = static_cast<Acc<T>>(x[j]);
-}
+  const bool* keep() const { return static_cast<const bool*>(data); }
+};
 
 // Pass 1: z = scale * x + mask (masked-out bool positions at -inf); returns max(z), NaN if
 // any z is NaN. No mask, or an additive mask contiguous along the row, is fused into the
 // vector loop; other masks (broadcast along the row, bool) take a scalar pass.
-template <typename T>
-Acc<T> load_logits_max(const T* x, int64_t len, Acc<T> scale, MaskKind kind, const void* mask_row,
-                       int64_t mask_stride, Acc<T>* z) {
+template <typename T, typename M>
+Acc<T> load_logits_max(const T* x, int64_t len, Acc<T> scale, const MaskRow<M>& mask, Acc<T>* z) {
   using acc_t = Acc<T>;
-  using Vec = at::vec::Vectorized<acc_t>;
+  using Vec = AccVec<T>;
   constexpr acc_t neg_inf = -std::numeric_limits<acc_t>::infinity();
-  const acc_t* add = kind == MaskKind::Additive ? static_cast<const acc_t*>(mask_row) : nullptr;
-  const bool fused = kind == MaskKind::None || (add != nullptr && mask_stride == 1);
-  Vec vmax(neg_inf);
-  int64_t vec_end = 0;  // z[0:vec_end] is done and folded into vmax
+  const M* add = mask.additive();
+  const bool fused = mask.kind == MaskKind::None || (add != nullptr && mask.stride == 1);
+  const Vec vscale(scale);
+  Vec vmax0(neg_inf), vmax1(neg_inf);
+  int64_t vec_end = 0;  // z[0:vec_end] is done and folded into vmax0/vmax1
   if (fused) {
-    vec_end = for_each_acc_vec(x, len, [&](int64_t at, Vec v) {
-      v = add ? at::vec::fmadd(v, Vec(scale), Vec::loadu(add + at)) : v * Vec(scale);
-      v.store(z + at);
-      vmax = at::vec::maximum(vmax, v);
-    });
-    for (int64_t j = vec_end; j < len; ++j) z[j] = scale * static_cast<acc_t>(x[j]) + (add ? add[j] : acc_t(0));
+    vec_end = len - len % kStep<T>;
+    for (int64_t j = 0; j < vec_end; j += kStep<T>) {
+      auto [v0, v1] = load_acc_pair(x + j);
+      if (add != nullptr) {
+        const auto [m0, m1] = load_acc_pair(add + j);
+        v0 = at::vec::fmadd(v0, vscale, m0);
+        v1 = at::vec::fmadd(v1, vscale, m1);
+      } else {
+        v0 = v0 * vscale;
+        v1 = v1 * vscale;
+      }
+      v0.store(z + j);
+      v1.store(z + j + Vec::size());
+      vmax0 = at::vec::maximum(vmax0, v0);
+      vmax1 = at::vec::maximum(vmax1, v1);
+    }
+    for (int64_t j = vec_end; j < len; ++j) {
+      z[j] = scale * static_cast<acc_t>(x[j]) + (add != nullptr ? static_cast<acc_t>(add[j]) : acc_t(0));
+    }
   } else {
     for (int64_t j = 0; j < len; ++j) {
       const acc_t v = scale * static_cast<acc_t>(x[j]);
-      if (add != nullptr) {
-        z[j] = v + add[j * mask_stride];
-      } else {
-        z[j] = static_cast<const bool*>(mask_row)[j * mask_stride] ? v : neg_inf;
-      }
+      z[j] = add != nullptr ? v + static_cast<acc_t>(add[j * mask.stride])
+                            : (mask.keep()[j * mask.stride] ? v : neg_inf);
     }
   }
-  std::array<acc_t, Vec::size()> lanes;
-  vmax.store(lanes.data());
+  // at::vec::maximum propagates NaN, so any NaN lane survives into this reduction.
   bool nan = false;
-  acc_t max = neg_inf;
-  for (const acc_t lane : lanes) {
+  acc_t max = reduce_lanes<acc_t>(at::vec::maximum(vmax0, vmax1), neg_inf, [&nan](acc_t m, acc_t lane) {
     nan |= std::isnan(lane);
-    max = std::max(max, lane);
-  }
+    return std::max(m, lane);
+  });
   for (int64_t j = vec_end; j < len; ++j) {
     nan |= std::isnan(z[j]);
     max = std::max(max, z[j]);
@@ -120,7 +135,7 @@ Acc<T> load_logits_max(const T* x, int64_t len, Acc<T> scale, MaskKind kind, con
 template <typename T>
 void softmax_row_store(Acc<T>* z, int64_t len, Acc<T> max, T* y) {
   using acc_t = Acc<T>;
-  using Vec = at::vec::Vectorized<acc_t>;
+  using Vec = AccVec<T>;
   constexpr acc_t inf = std::numeric_limits<acc_t>::infinity();
   if (std::isnan(max)) {
     std::fill(y, y + len, static_cast<T>(std::numeric_limits<acc_t>::quiet_NaN()));
@@ -137,75 +152,93 @@ void softmax_row_store(Acc<T>* z, int64_t len, Acc<T> max, T* y) {
     for (int64_t j = 0; j < len; ++j) y[j] = static_cast<T>(z[j] == inf ? share : acc_t(0));
     return;
   }
-  Vec vsum(acc_t(0));
-  int64_t j = 0;
-  for (; j + Vec::size() <= len; j += Vec::size()) {
-    const Vec e = (Vec::loadu(z + j) - Vec(max)).exp();
-    e.store(z + j);
-    vsum = vsum + e;
+  // Here every z - max lies in [-inf, 0]. exp_u20 (ATen's inline polynomial exp, no Sleef call)
+  // is within a few float32 ulp there and maps -inf to 0; it is what makes this kernel faster
+  // than torch.softmax, whose row loop is bound by Sleef's exp.
+  const int64_t vec_end = len - len % kStep<T>;
+  const Vec vmax(max);
+  Vec sum0(acc_t(0)), sum1(acc_t(0));
+  for (int64_t j = 0; j < vec_end; j += kStep<T>) {
+    const Vec e0 = (Vec::loadu(z + j) - vmax).exp_u20();
+    const Vec e1 = (Vec::loadu(z + j + Vec::size()) - vmax).exp_u20();
+    e0.store(z + j);
+    e1.store(z + j + Vec::size());
+    sum0 = sum0 + e0;
+    sum1 = sum1 + e1;
   }
-  std::array<acc_t, Vec::size()> lanes;
-  vsum.store(lanes.data());
-  acc_t sum = 0;
-  for (const acc_t lane : lanes) sum += lane;
-  for (; j < len; ++j) {
+  acc_t sum = reduce_lanes<acc_t>(sum0 + sum1, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+  for (int64_t j = vec_end; j < len; ++j) {
     z[j] = std::exp(z[j] - max);
     sum += z[j];
   }
-  from_acc_scaled(z, len, acc_t(1) / sum, y);
+  const acc_t inv_sum = acc_t(1) / sum;
+  const Vec vinv(inv_sum);
+  for (int64_t j = 0; j < vec_end; j += kStep<T>) {
+    store_acc_pair(y + j, Vec::loadu(z + j) * vinv, Vec::loadu(z + j + Vec::size()) * vinv);
+  }
+  for (int64_t j = vec_end; j < len; ++j) y[j] = static_cast<T>(z[j] * inv_sum);
+}
+
+// All rows of the forward, with the mask (if additive) stored as M.
+template <typename T, typename M>
+void forward_rows(const SoftmaxProblem& p, Acc<T> scale, const T* xs, T* ys) {
+  const int64_t len = p.len;
+  const bool has_mask = p.mask_kind != MaskKind::None;
+  const char* mask_base = has_mask ? static_cast<const char*>(p.mask.const_data_ptr()) : nullptr;
+  const int64_t mask_elem = has_mask ? p.mask.element_size() : 0;
+  at::parallel_for(0, p.rows, grain_rows(len), [&](int64_t begin, int64_t end) {
+    std::vector<Acc<T>> z(len);
+    MaskRow<M> mask{p.mask_kind, nullptr, p.mask_index.inner_stride};
+    for (int64_t r = begin; r < end; ++r) {
+      if (has_mask) mask.data = mask_base + p.mask_index.row_offset(r) * mask_elem;
+      const Acc<T> max = load_logits_max(xs + r * len, len, scale, mask, z.data());
+      softmax_row_store(z.data(), len, max, ys + r * len);
+    }
+  });
+}
+
+// One row of the backward, grad_x = s * y * (g - <g, y>): a dot pass and a write pass straight
+// over the row (cache-resident), 16-bit values widened in registers, two accumulators.
+template <typename T>
+void backward_row(const T* g, const T* y, T* out, int64_t len, Acc<T> s) {
+  using acc_t = Acc<T>;
+  using Vec = AccVec<T>;
+  const int64_t vec_end = len - len % kStep<T>;
+  Vec dot0(acc_t(0)), dot1(acc_t(0));
+  for (int64_t j = 0; j < vec_end; j += kStep<T>) {
+    const auto [g0, g1] = load_acc_pair(g + j);
+    const auto [y0, y1] = load_acc_pair(y + j);
+    dot0 = at::vec::fmadd(g0, y0, dot0);
+    dot1 = at::vec::fmadd(g1, y1, dot1);
+  }
+  acc_t dot = reduce_lanes<acc_t>(dot0 + dot1, acc_t(0), [](acc_t a, acc_t b) { return a + b; });
+  for (int64_t j = vec_end; j < len; ++j) dot += static_cast<acc_t>(g[j]) * static_cast<acc_t>(y[j]);
+
+  const Vec vdot(dot), vs(s);
+  for (int64_t j = 0; j < vec_end; j += kStep<T>) {
+    const auto [g0, g1] = load_acc_pair(g + j);
+    const auto [y0, y1] = load_acc_pair(y + j);
+    store_acc_pair(out + j, vs * y0 * (g0 - vdot), vs * y1 * (g1 - vdot));
+  }
+  for (int64_t j = vec_end; j < len; ++j) {
+    out[j] = static_cast<T>(s * static_cast<acc_t>(y[j]) * (static_cast<acc_t>(g[j]) - dot));
+  }
 }
 
 }  // namespace
 
 void softmax_forward_rows(const SoftmaxProblem& p, double scale, at::Tensor& out) {
-  const int64_t len = p.len;
-  const int64_t mask_elem = p.mask_kind == MaskKind::None ? 0 : p.mask.element_size();
-  const char* mask_base = p.mask_kind == MaskKind::None ? nullptr : static_cast<const char*>(p.mask.const_data_ptr());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "stable_softmax_cpu", [&] {
     using acc_t = Acc<scalar_t>;
     const scalar_t* xs = p.x.const_data_ptr<scalar_t>();
     scalar_t* ys = out.data_ptr<scalar_t>();
-    at::parallel_for(0, p.rows, grain_rows(len), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> z(len);
-      for (int64_t r = begin; r < end; ++r) {
-        const void* mask_row = mask_base ? mask_base + p.mask_index.row_offset(r) * mask_elem : nullptr;
-        const acc_t max = load_logits_max(xs + r * len, len, static_cast<acc_t>(scale), p.mask_kind, mask_row,
-                                          p.mask_index.inner_stride, z.data());
-        softmax_row_store(z.data(), len, max, ys + r * len);
-      }
-    });
+    if (p.mask_kind == MaskKind::AdditiveLikeX) {
+      forward_rows<scalar_t, scalar_t>(p, static_cast<acc_t>(scale), xs, ys);
+    } else {
+      forward_rows<scalar_t, acc_t>(p, static_cast<acc_t>(scale), xs, ys);
+    }
   });
 }
-
-namespace {
-
-// grad_x = s * y * (g - <g, y>) for rows [begin, end).
-template <typename T>
-void backward_row_range(const T* gs, const T* ys, T* out, int64_t begin, int64_t end, int64_t len, Acc<T> s) {
-  using acc_t = Acc<T>;
-  using Vec = at::vec::Vectorized<acc_t>;
-  auto grad_x = [s](acc_t dot) { return [s, dot](Vec gv, Vec yv) { return Vec(s) * yv * (gv - Vec(dot)); }; };
-  auto dot_of = [](const acc_t* a, const acc_t* b, int64_t n) {
-    return at::vec::map2_reduce_all<acc_t>([](Vec x, Vec y) { return x * y; }, [](Vec x, Vec y) { return x + y; },
-                                           a, b, n);
-  };
-  if constexpr (std::is_same_v<T, acc_t>) {
-    // No conversion needed: one dot pass and one write pass straight over the rows.
-    for (int64_t r = begin; r < end; ++r) {
-      at::vec::map2(grad_x(dot_of(gs + r * len, ys + r * len, len)), out + r * len, gs + r * len, ys + r * len, len);
-    }
-  } else {
-    std::vector<acc_t> g(len), yy(len);
-    for (int64_t r = begin; r < end; ++r) {
-      to_acc(gs + r * len, len, g.data());
-      to_acc(ys + r * len, len, yy.data());
-      at::vec::map2(grad_x(dot_of(g.data(), yy.data(), len)), g.data(), g.data(), yy.data(), len);
-      from_acc_scaled(g.data(), len, Acc<T>(1), out + r * len);
-    }
-  }
-}
-
-}  // namespace
 
 void softmax_backward_rows(const SoftmaxProblem& p, const at::Tensor& y_last, double scale, at::Tensor& grad_x) {
   const int64_t len = p.len;
@@ -215,7 +248,7 @@ void softmax_backward_rows(const SoftmaxProblem& p, const at::Tensor& y_last, do
     scalar_t* out = grad_x.data_ptr<scalar_t>();
     const auto s = static_cast<Acc<scalar_t>>(scale);
     at::parallel_for(0, p.rows, grain_rows(len), [&](int64_t begin, int64_t end) {
-      backward_row_range(gs, ys, out, begin, end, len, s);
+      for (int64_t r = begin; r < end; ++r) backward_row(gs + r * len, ys + r * len, out + r * len, len, s);
     });
   });
 }

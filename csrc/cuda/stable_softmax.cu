@@ -32,8 +32,9 @@ __device__ __forceinline__ acc_t infinity() {
   return static_cast<acc_t>(INFINITY);
 }
 
-// scale * x, then the mask: additive, or -inf where a bool mask is False.
-template <typename acc_t>
+// scale * x, then the mask: additive (stored as acc_t, or as T itself), or -inf where a bool
+// mask is False.
+template <typename T, typename acc_t>
 struct MaskedLogits {
   acc_t scale;
   MaskKind kind;
@@ -45,6 +46,7 @@ struct MaskedLogits {
     if (kind == MaskKind::None) return z;
     const int64_t at = mask_row + j * index.inner_stride;
     if (kind == MaskKind::Bool) return static_cast<const bool*>(mask)[at] ? z : -infinity<acc_t>();
+    if (kind == MaskKind::AdditiveLikeX) return z + static_cast<acc_t>(static_cast<const T*>(mask)[at]);
     return z + static_cast<const acc_t*>(mask)[at];
   }
 };
@@ -69,7 +71,7 @@ struct RowRule {
 template <typename T, int kPerThread>
 __global__ void __launch_bounds__(kWarpBlockThreads)
     softmax_forward_warp(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int len,
-                         MaskedLogits<typename cuda::AccType<T>::type> logits) {
+                         MaskedLogits<T, typename cuda::AccType<T>::type> logits) {
   using acc_t = typename cuda::AccType<T>::type;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
   if (row >= rows) return;  // uniform per warp
@@ -106,7 +108,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
 template <typename T>
 __global__ void __launch_bounds__(kRowBlockThreads)
     softmax_forward_block(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t len,
-                          MaskedLogits<typename cuda::AccType<T>::type> logits) {
+                          MaskedLogits<T, typename cuda::AccType<T>::type> logits) {
   using acc_t = typename cuda::AccType<T>::type;
   __shared__ acc_t scratch[kWarpSize];
   __shared__ int int_scratch[kWarpSize];
@@ -218,7 +220,7 @@ at::Tensor stable_softmax_cuda(const at::Tensor& x, int64_t dim, double scale, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "stable_softmax_cuda", [&] {
     using acc_t = typename cuda::AccType<scalar_t>::type;
-    const MaskedLogits<acc_t> logits{static_cast<acc_t>(scale), p.mask_kind,
+    const MaskedLogits<scalar_t, acc_t> logits{static_cast<acc_t>(scale), p.mask_kind,
                                      p.mask_kind == MaskKind::None ? nullptr : p.mask.const_data_ptr(), p.mask_index};
     const scalar_t* xs = p.x.const_data_ptr<scalar_t>();
     scalar_t* ys = out.data_ptr<scalar_t>();
