@@ -38,11 +38,18 @@ def measure(
     min_runs: int = 10,
     min_seconds: float = 0.5,
     max_runs: int = 200,
+    reset: Callable[..., object] | None = None,
 ) -> Timing:
-    """Times fn(*inputs[i % len(inputs)]) and returns per-call statistics in milliseconds."""
+    """Times fn(*inputs[i % len(inputs)]) and returns per-call statistics in milliseconds.
+
+    reset(*args), when given, runs untimed after every call to restore inputs that fn changes in
+    place (a clip must find grads above max_norm every time, or it has nothing to scale).
+    """
     cuda = device.type == "cuda"
     for i in range(warmup):
         fn(*inputs[i % len(inputs)])
+        if reset is not None:
+            reset(*inputs[i % len(inputs)])
     if cuda:
         torch.cuda.synchronize(device)
     times: list[float] = []
@@ -61,6 +68,8 @@ def measure(
             t0 = time.perf_counter()
             fn(*args)
             times.append((time.perf_counter() - t0) * 1e3)
+        if reset is not None:
+            reset(*args)
         i += 1
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 

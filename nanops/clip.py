@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Iterable
 
 import torch
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .ops import _tensor_list, check_device
 
@@ -39,16 +40,27 @@ def _norm_dtype(grads: list[torch.Tensor]) -> torch.dtype:
 
 def _group_grads(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
     """Checks the grads (floating point, a kernel for their device) and groups them by device,
-    in one pass: this runs on every optimizer step."""
+    keeping their order within a device. This runs on every optimizer step, so the grouping is
+    torch's C++ helper (the one torch's clip_grad_norm_ uses): a Python loop reading each
+    grad's device cost more than the norm kernels' own overhead."""
+    keyed = _group_tensors_by_device_and_dtype([grads], with_indices=True)
+    bad = [(indices[0], dtype) for (_, dtype), (_, indices) in keyed.items() if not dtype.is_floating_point]
+    if bad:
+        i, dtype = min(bad, key=lambda item: item[0])
+        raise ValueError(f"gradient {i} has dtype {dtype}; only floating-point gradients can be clipped")
+    indexed: dict[torch.device, list[tuple[list[int], list[torch.Tensor]]]] = {}
+    for (device, _), ((tensors,), indices) in keyed.items():
+        if device not in indexed:
+            check_device(device, "clip_grad_norm_")
+            indexed[device] = []
+        indexed[device].append((indices, tensors))
     groups: dict[torch.device, list[torch.Tensor]] = {}
-    for i, g in enumerate(grads):
-        if not g.is_floating_point():
-            raise ValueError(f"gradient {i} has dtype {g.dtype}; only floating-point gradients can be clipped")
-        group = groups.get(g.device)
-        if group is None:
-            check_device(g.device, "clip_grad_norm_")
-            group = groups[g.device] = []
-        group.append(g)
+    for device, parts in indexed.items():
+        if len(parts) == 1:
+            groups[device] = parts[0][1]
+        else:  # mixed dtypes on one device: back to the caller's order
+            pairs = sorted((i, t) for indices, tensors in parts for i, t in zip(indices, tensors))
+            groups[device] = [t for _, t in pairs]
     return groups
 
 

@@ -251,6 +251,9 @@ def test_bad_arguments_get_clear_errors():
         nanops.clip_grad_norm_(params, 1.0, norm_type=float("nan"))
     with pytest.raises(ValueError, match="dtype torch.int64"):
         nanops.get_total_norm([torch.ones(3, dtype=torch.long)])
+    mixed = [torch.ones(3), torch.ones(2, dtype=torch.half), torch.ones(3, dtype=torch.int32), torch.ones(1, dtype=torch.long)]
+    with pytest.raises(ValueError, match="gradient 2 has dtype torch.int32"):
+        nanops.get_total_norm(mixed)
     with pytest.raises(RuntimeError, match="one element"):
         nanops.clip_grad_norm_(params, 1.0, inv_scale=torch.ones(2))
 

@@ -1,6 +1,4 @@
 // CPU kernels of the grad-norm ops: grad_norm_summary, clip_coef_from_summaries, scale_tensors_.
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -65,17 +63,7 @@ void scale_tensors_cpu(at::TensorList tensors, const at::Tensor& coef) {
   std::vector<int64_t> non_dense;
   const std::vector<FlatView> views = flat_views(tensors, unused, &non_dense);
   for (const int64_t i : non_dense) tensors[i].mul_(c);
-  const std::vector<cpu::Chunk> chunks = cpu::make_chunks(views);
-  cpu::parallel_for_chunks(chunks, [&](int64_t ci) {
-    const cpu::Chunk& chunk = chunks[ci];
-    const FlatView& view = views[chunk.view];
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.dtype, "scale_tensors_cpu", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t factor = static_cast<acc_t>(c);
-      scalar_t* x = static_cast<scalar_t*>(view.data);
-      for (int64_t i = chunk.begin; i < chunk.end; ++i) x[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * factor);
-    });
-  });
+  NANOPS_CPU_DISPATCH(scale_chunks, views, cpu::make_chunks(views), c);
 }
 
 }  // namespace

@@ -11,9 +11,11 @@
 
 namespace nanops::cpu {
 
-// Writes one NormPartial row (kSummaryFields doubles) per chunk of |x * s| into `partials`.
+// norm_partials: one NormPartial row (kSummaryFields doubles) per chunk of |x * s| into `partials`.
+// scale_chunks: every chunk multiplied in place by coef.
 NANOPS_DECLARE_PER_ISA(
     void norm_partials(const std::vector<FlatView>& views, const std::vector<Chunk>& chunks, NormKind kind,
-                       double p, double s, double* partials);)
+                       double p, double s, double* partials);
+    void scale_chunks(const std::vector<FlatView>& views, const std::vector<Chunk>& chunks, double coef);)
 
 }  // namespace nanops::cpu

@@ -33,12 +33,18 @@ inline std::vector<Chunk> make_chunks(const std::vector<FlatView>& views, int64_
   return chunks;
 }
 
-// Calls fn(chunk_index) for every chunk, spread over the intra-op thread pool.
+enum class ChunkOrder { Forward, Reverse };
+
+// Calls fn(chunk_index) for every chunk, spread over the intra-op thread pool. Each thread gets
+// the same contiguous range of chunks on every call, so a second pass over the same list in
+// Reverse order starts on the chunks that thread read last, still in its caches.
 template <typename Fn>
-void parallel_for_chunks(const std::vector<Chunk>& chunks, const Fn& fn) {
+void parallel_for_chunks(const std::vector<Chunk>& chunks, const Fn& fn, ChunkOrder order = ChunkOrder::Forward) {
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      fn(c);
+    if (order == ChunkOrder::Forward) {
+      for (int64_t c = begin; c < end; ++c) fn(c);
+    } else {
+      for (int64_t c = end - 1; c >= begin; --c) fn(c);
     }
   });
 }
