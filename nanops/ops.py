@@ -100,7 +100,9 @@ def stable_softmax(
         dim: the softmax dimension.
         scale: multiplies x before the mask is applied (e.g. 1/sqrt(head_dim)).
         mask: optional, broadcastable to x. bool: True marks the positions that take part
-            (as in scaled_dot_product_attention); floating: added to the scaled logits.
+            (as in scaled_dot_product_attention); floating: added to the scaled logits in the
+            accumulation dtype (a float32 -1e9 mask keeps its meaning on float16 logits; a
+            mask in x's own 16-bit dtype is read in place, no converted copy per call).
 
     Semantics beyond torch.softmax:
         * a row where no position takes part (all masked, or all -inf) gives zeros and a zero

@@ -8,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import nanops
-from conftest import DEVICES, FLOAT_DTYPES
+from conftest import DEVICES, FLOAT_DTYPES, HAS_CUDA
 
 NORM_TYPES = [0.5, 1.0, 1.5, 2.0, 4.0, math.inf]
 
@@ -337,3 +337,42 @@ def test_large_float32_list_norm_is_float64_accurate(device, norm_type):
     grads = [torch.randn(2_000_003, device=device) * 3, torch.rand(777_777, device=device)]
     total = nanops.get_total_norm(grads, norm_type)
     torch.testing.assert_close(total.double().cpu(), reference_norm(grads, norm_type), rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none on this machine)")
+def test_cuda_graph_capture_of_fused_unscale_and_clip():
+    # No host sync anywhere in clip_grad_norm_ (without error_if_nonfinite): the whole fused
+    # unscale + norm + clip must capture into a CUDA graph, and each replay must act on the
+    # grads' current values, including the non-finite case (found_inf set, grads untouched).
+    params = params_with_grads([(1000,), (33, 7), (0,), (70_000,)], "cuda", scale=10)
+    inv_scale = torch.full((1,), 0.5, device="cuda")
+    found_inf = torch.zeros(1, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch's docs require
+        nanops.clip_grad_norm_(params, 1.0, inv_scale=inv_scale, found_inf=found_inf)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        total = nanops.clip_grad_norm_(params, 1.0, inv_scale=inv_scale, found_inf=found_inf)
+
+    for trial in range(3):
+        fresh = [torch.randn_like(p.grad) * (trial + 1) * 10 for p in params]
+        for p, g in zip(params, fresh):
+            p.grad.copy_(g)
+        found_inf.zero_()
+        graph.replay()
+        expected_norm = reference_norm(fresh, 2.0, 0.5)
+        torch.testing.assert_close(total.double().cpu(), expected_norm, rtol=1e-5, atol=0)
+        coef = min(1.0, 1.0 / (expected_norm.item() + 1e-6))
+        for p, g in zip(params, fresh):
+            torch.testing.assert_close(p.grad, g * 0.5 * coef, rtol=1e-5, atol=1e-7)
+        assert found_inf.item() == 0.0
+
+    params[3].grad[123] = float("inf")
+    before = [p.grad.clone() for p in params]
+    graph.replay()
+    assert found_inf.item() == 1.0
+    assert not torch.isfinite(total).item()
+    for p, b in zip(params, before):
+        assert torch.equal(p.grad, b)
