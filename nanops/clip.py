@@ -90,15 +90,42 @@ def _summaries(
     return torch.cat(gathered)
 
 
-def _grad_list(parameters: ParamsOrGrads, what: str) -> tuple[list[torch.Tensor], bool]:
-    """Grads of `parameters` (None skipped) and whether an empty generator was passed."""
+def _grad_list(parameters: ParamsOrGrads) -> list[torch.Tensor]:
+    """Grads of `parameters` (None skipped); warns, as torch does, on an empty generator."""
     is_generator = isinstance(parameters, types.GeneratorType)
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     params = list(parameters)
     if is_generator and not params:
-        warnings.warn(f"`parameters` is an empty generator, no gradient {what} will occur.", stacklevel=3)
-    return [p.grad for p in params if p.grad is not None], is_generator and not params
+        warnings.warn("`parameters` is an empty generator, no gradient clipping will occur.", stacklevel=3)
+    return [p.grad for p in params if p.grad is not None]
+
+
+def _total_norm_and_coef(
+    grads: list[torch.Tensor],
+    norm_type: float,
+    max_norm: float,
+    error_if_nonfinite: bool,
+    *,
+    inv_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    process_group=None,
+) -> tuple[dict[torch.device, list[torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """The grads grouped by device, their total norm and the clip coefficient (both on device).
+    The norm is read on the host only for error_if_nonfinite."""
+    p = _check_norm_type(norm_type)
+    groups = _group_grads(grads)
+    home = next(iter(groups))
+    summaries = _summaries(groups, p, inv_scale, process_group)
+    total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
+        summaries, p, float(max_norm), _on(inv_scale, home), found_inf, _norm_dtype(grads)
+    )
+    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
+        raise RuntimeError(
+            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            "clipped. The gradients were left unchanged. To skip the error, set `error_if_nonfinite=False`."
+        )
+    return groups, total_norm, coef
 
 
 def clip_grad_norm_(
@@ -129,21 +156,13 @@ def clip_grad_norm_(
         0-dim tensor on the grads' (first) device: float32 for float16/bfloat16 grads, else the
         grads' dtype. Non-finite when the grads are.
     """
-    grads, _ = _grad_list(parameters, "clipping")
+    grads = _grad_list(parameters)
     if not grads:
         return torch.tensor(0.0)
-    p = _check_norm_type(norm_type)
-    groups = _group_grads(grads)
-    home = next(iter(groups))
-    summaries = _summaries(groups, p, inv_scale, process_group)
-    total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
-        summaries, p, float(max_norm), _on(inv_scale, home), found_inf, _norm_dtype(grads)
+    groups, total_norm, coef = _total_norm_and_coef(
+        grads, norm_type, max_norm, error_if_nonfinite,
+        inv_scale=inv_scale, found_inf=found_inf, process_group=process_group,
     )
-    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
-            "clipped. The gradients were left unchanged. To skip the error, set `error_if_nonfinite=False`."
-        )
     for dev, gs in groups.items():
         torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
     return total_norm
@@ -165,17 +184,7 @@ def get_total_norm(
     tensor_list = _tensor_list(tensors)
     if not tensor_list:
         return torch.tensor(0.0)
-    p = _check_norm_type(norm_type)
-    groups = _group_grads(tensor_list)
-    summaries = _summaries(groups, p, None, None)
-    total_norm, _ = torch.ops.nanops.clip_coef_from_summaries.default(
-        summaries, p, math.inf, None, None, _norm_dtype(tensor_list)
-    )
-    if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
-        raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
-            "clipped. To skip the error, set `error_if_nonfinite=False`."
-        )
+    _, total_norm, _ = _total_norm_and_coef(tensor_list, norm_type, math.inf, error_if_nonfinite)
     return total_norm
 
 
@@ -190,7 +199,7 @@ def clip_grads_with_norm_(
     As torch.nn.utils.clip_grads_with_norm_, except that a non-finite ``total_norm`` leaves the
     grads unchanged instead of turning them into NaN or 0.
     """
-    grads, _ = _grad_list(parameters, "clipping")
+    grads = _grad_list(parameters)
     if not grads:
         return
     for dev, gs in _group_grads(grads).items():
