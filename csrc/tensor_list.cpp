@@ -64,6 +64,12 @@ void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, con
   TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
 }
 
+void check_scale_coef(const at::Tensor& coef, const c10::Device& device) {
+  TORCH_CHECK(coef.numel() == 1 && coef.scalar_type() == at::kDouble && coef.device() == device,
+              "scale_tensors_: coef must be a one-element float64 tensor on ", device, ", got ", coef.scalar_type(),
+              " of shape ", coef.sizes(), " on ", coef.device());
+}
+
 void check_norm_summaries(const at::Tensor& summaries, int64_t fields) {
   TORCH_CHECK(summaries.dim() == 2 && summaries.size(1) == fields && summaries.scalar_type() == at::kDouble,
               "clip_coef_from_summaries: summaries must be float64 of shape (k, ", fields, "), got ",

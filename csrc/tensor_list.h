@@ -39,6 +39,9 @@ std::vector<FlatView> flat_views(
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, const char* name,
                          const c10::Device& device);
 
+// The coef argument of scale_tensors_: one float64 element on `device`.
+void check_scale_coef(const at::Tensor& coef, const c10::Device& device);
+
 // The (k, fields) float64 summaries argument of clip_coef_from_summaries.
 void check_norm_summaries(const at::Tensor& summaries, int64_t fields);
 

@@ -55,9 +55,8 @@ std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cpu(
 void scale_tensors_cpu(at::TensorList tensors, const at::Tensor& coef) {
   if (tensors.empty()) return;
   check_tensor_list(tensors, "scale_tensors_", IntegerTensors::Reject);
-  TORCH_CHECK(coef.numel() == 1 && coef.device() == tensors[0].device(),
-              "scale_tensors_: coef must be a one-element tensor on ", tensors[0].device());
-  const double c = coef.item<double>();
+  check_scale_coef(coef, tensors[0].device());
+  const double c = *coef.const_data_ptr<double>();
   if (c == 1.0) return;  // nothing to clip or unscale: leave the memory untouched
   std::vector<at::Tensor> unused;
   std::vector<int64_t> non_dense;

@@ -220,8 +220,7 @@ std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cuda(
 void scale_tensors_cuda(at::TensorList tensors, const at::Tensor& coef) {
   if (tensors.empty()) return;
   check_tensor_list(tensors, "scale_tensors_", IntegerTensors::Reject);
-  TORCH_CHECK(coef.numel() == 1 && coef.scalar_type() == at::kDouble && coef.device() == tensors[0].device(),
-              "scale_tensors_: coef must be a one-element float64 tensor on ", tensors[0].device());
+  check_scale_coef(coef, tensors[0].device());
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   std::vector<at::Tensor> unused;
   std::vector<int64_t> non_dense;
