@@ -64,13 +64,15 @@ def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Pa
 
 
 def print_table(title: str, rows: list[dict]) -> None:
-    print(f"\n{title}")
-    header = f"{'case':<38} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'GB/s':>7}"
-    print(header)
-    print("-" * len(header))
+    """One benchmark's rows, or the whole report's (rows that carry an "op" get an op column)."""
+    with_op = any("op" in r for r in rows)
+    header = (f"{'op':<12} " if with_op else "") + \
+        f"{'case':<44} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'GB/s':>7}"
+    print(f"\n{title}\n{header}\n" + "-" * len(header))
     for r in rows:
+        op = f"{r['op']:<12} " if with_op else ""
         gbps = f"{r['nanops_gbps']:.1f}" if r.get("nanops_gbps") else ""
-        print(f"{r['case']:<38} {r['baseline']:<34} {r['baseline_ms']:>9.3f} {r['nanops_ms']:>10.3f} "
+        print(f"{op}{r['case'][:44]:<44} {r['baseline'][:34]:<34} {r['baseline_ms']:>9.3f} {r['nanops_ms']:>10.3f} "
               f"{r['speedup']:>6.2f}x {gbps:>7}")
 
 

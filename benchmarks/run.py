@@ -16,21 +16,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import bench_device, device_slug, environment, RESULTS_DIR  # noqa: E402
+from common import RESULTS_DIR, bench_device, device_slug, environment, print_table  # noqa: E402
 
 
 def discover(only: set[str] | None) -> list[str]:
     names = sorted(p.stem.removeprefix("bench_") for p in HERE.glob("bench_*.py"))
     return [n for n in names if only is None or n in only]
-
-
-def print_report(rows: list[dict]) -> None:
-    header = f"{'op':<12} {'case':<44} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'GB/s':>7}"
-    print("\n" + header + "\n" + "-" * len(header))
-    for r in rows:
-        gbps = f"{r['nanops_gbps']:.1f}" if r.get("nanops_gbps") else ""
-        print(f"{r['op']:<12} {r['case'][:44]:<44} {r['baseline'][:34]:<34} {r['baseline_ms']:>9.3f} "
-              f"{r['nanops_ms']:>10.3f} {r['speedup']:>6.2f}x {gbps:>7}")
 
 
 def save_chart(rows: list[dict], path: Path, title: str) -> Path | None:
@@ -73,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     chart = save_chart(rows, folder / "report.png", f"nanops on {env['device']} (torch {env['torch']}, {env['commit']})")
-    print_report(rows)
+    print_table(f"nanops on {env['device']}", rows)
     print(f"\nreport: {folder / 'report.json'}" + (f", chart: {chart}" if chart else ""))
     return 0
 
