@@ -3,7 +3,8 @@
     python benchmarks/run.py [--only softmax,clip]      (also: nanops bench)
 
 Prints one table (op, case, baseline, times, ratio, GB/s) and writes report.json and report.png
-under benchmarks/results/<device>/, beside each benchmark's own JSON.
+under benchmarks/results/<device>/, beside each benchmark's own JSON. With --only, the full
+report is left as it is (a partial run must not replace it); the benchmarks' own JSON is written.
 """
 from __future__ import annotations
 
@@ -60,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench_{name}")
         rows += [{"op": name, **r} for r in module.main([])]
     env = environment(device)
+    print_table(f"nanops on {env['device']}", rows)
+    if only is not None:
+        return 0
     folder = RESULTS_DIR / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     chart = save_chart(rows, folder / "report.png", f"nanops on {env['device']} (torch {env['torch']}, {env['commit']})")
-    print_table(f"nanops on {env['device']}", rows)
     print(f"\nreport: {folder / 'report.json'}" + (f", chart: {chart}" if chart else ""))
     return 0
 
