@@ -5,19 +5,27 @@ Ops (real ``torch.ops.nanops.*`` operators with CPU and CUDA kernels):
     stable_softmax                   masked, scaled softmax that never returns NaN from overflow/masking
     clip_grad_norm_, get_total_norm, clip_grads_with_norm_
                                      fused, overflow-free grad-norm clipping (AMP unscale, distributed)
-Training: guarded_step (yolov5's unscale/clip/step block, skipping non-finite steps), watch (first
-non-finite module). Modules: nanops.nn (TransformerLayer, TransformerBlock, C3TR); nanops.yolov5.patch.
+Training: GradScaler (torch's, plus skipping non-finite steps with AMP off and restoring BatchNorm
+statistics), guarded_step (yolov5's unscale/clip/step block in one call), watch and locate_forward
+(first non-finite module). Models: patch/unpatch (stable attention in any model's
+nn.MultiheadAttention), nanops.nn (MultiheadAttention, TransformerLayer, TransformerBlock, C3TR),
+nanops.yolov5 (patch, and yolov5's own training protected: `nanops train`).
 """
+from . import nn, yolov5
 from ._loader import cuda_built
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from .guard import StepResult, guarded_step
+from .locate import locate_forward
 from .ops import all_finite, nonfinite_counts, stable_softmax
+from .patching import patch, unpatch
+from .scaler import GradScaler
 from .watch import Finding, Watch, watch
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Finding",
+    "GradScaler",
     "StepResult",
     "Watch",
     "all_finite",
@@ -26,7 +34,10 @@ __all__ = [
     "cuda_built",
     "get_total_norm",
     "guarded_step",
+    "locate_forward",
     "nonfinite_counts",
+    "patch",
     "stable_softmax",
+    "unpatch",
     "watch",
 ]

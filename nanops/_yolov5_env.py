@@ -17,15 +17,39 @@ def prepare_environment() -> None:
     for var in ("YOLO_CONFIG_DIR", "YOLOV5_CONFIG_DIR", "MPLCONFIGDIR"):
         os.environ.setdefault(var, str(cache))
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    _provide_font(Path(os.environ["YOLOV5_CONFIG_DIR"]))
+
+
+def _provide_font(config_dir: Path) -> None:
+    """yolov5's plots download Arial.ttf on first use (no network here): any TTF will do, and
+    matplotlib ships DejaVuSans."""
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        target = config_dir / name
+        if target.exists():
+            continue
+        try:
+            import matplotlib
+
+            source = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+            config_dir.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+        except (ImportError, OSError):
+            return  # plots then fail as in plain yolov5 offline; --noplots avoids them
+
+
+def quiet_yolov5_import(module: str):
+    """Imports a yolov5 module without the banner ultralytics prints on first import."""
+    import importlib
+
+    prepare_environment()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        return importlib.import_module(module)
 
 
 def import_yolov5_common():
     """yolov5.models.common, imported without its banner noise."""
-    prepare_environment()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        import yolov5.models.common as common
-    return common
+    return quiet_yolov5_import("yolov5.models.common")
 
 
 def transformer_yaml() -> Path:

@@ -1,4 +1,4 @@
-"""The `nanops` command: demo, check, doctor, bench."""
+"""The `nanops` command: train, demo, check, doctor, bench."""
 from __future__ import annotations
 
 import argparse
@@ -98,8 +98,16 @@ def _cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        # Every flag after `train` is yolov5's (its own parser, its own --help and errors).
+        from .yolov5_train import main as train_main
+
+        return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nanops", description="NaN-proof kernels for Transformer-YOLOv5 training")
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="yolov5's own training (any `yolov5 train` flag), protected by nanops",
+                   add_help=False)
     demo = sub.add_parser("demo", help="plain yolov5 training vs nanops on a run with a corrupt batch")
     demo.add_argument("--steps", type=int, default=24)
     demo.add_argument("--corrupt-step", type=int, default=6)

@@ -7,13 +7,10 @@ autocast: an overflowing q.k or a fully masked row gives finite probabilities, n
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .ops import stable_softmax
+from .attention import multi_head_attention
 
 
 def _autopad(k: int, p: int | None = None, d: int = 1) -> int:
@@ -36,11 +33,44 @@ class Conv(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
+class MultiheadAttention(nn.MultiheadAttention):
+    """Drop-in for torch.nn.MultiheadAttention whose attention never turns overflow or masking into NaN.
+
+    Same constructor, parameters, state_dict keys, forward signature and return values as
+    torch's module (batch_first, kdim/vdim, bias, add_bias_kv, add_zero_attn, dropout, bool or
+    float attn_mask/key_padding_mask, need_weights, average_attn_weights, is_causal). The q·k
+    logits are float32 even under autocast and the softmax is nanops.stable_softmax, so:
+      * float16 logits above 65504 no longer overflow to inf (torch: NaN output);
+      * a fully masked row gives zero weights and a zero attention output (torch: NaN).
+    Elsewhere outputs and gradients match torch's within float32 rounding.
+    """
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """query (L, N, E) ((N, L, E) with batch_first, (L, E) unbatched), key/value likewise with
+        S and kdim/vdim. Returns (attn_output, attn_weights) as torch.nn.MultiheadAttention."""
+        batched_first = self.batch_first and query.dim() == 3
+        if batched_first:
+            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        out, weights = multi_head_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                            average_attn_weights, is_causal)
+        return (out.transpose(0, 1) if batched_first else out), weights
+
+
 class TransformerLayer(nn.Module):
     """yolov5's TransformerLayer (no LayerNorm), with NaN-free attention.
 
-    Input and output: (L, N, C), sequence first. ``ma`` keeps nn.MultiheadAttention's
-    parameters (in_proj_weight/bias, out_proj) so state_dicts match; its forward is not used.
+    Input and output: (L, N, C), sequence first, or unbatched (L, C). ``ma`` is nanops'
+    MultiheadAttention, so state_dicts match yolov5's.
     """
 
     def __init__(self, c: int, num_heads: int):
@@ -48,64 +78,16 @@ class TransformerLayer(nn.Module):
         self.q = nn.Linear(c, c, bias=False)
         self.k = nn.Linear(c, c, bias=False)
         self.v = nn.Linear(c, c, bias=False)
-        self.ma = nn.MultiheadAttention(embed_dim=c, num_heads=num_heads)
+        self.ma = MultiheadAttention(embed_dim=c, num_heads=num_heads)
         self.fc1 = nn.Linear(c, c, bias=False)
         self.fc2 = nn.Linear(c, c, bias=False)
 
-    def attention(
-        self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attn_mask: torch.Tensor | None = None,
-        key_padding_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """nn.MultiheadAttention's math (masks in its convention: bool True = not allowed,
-        float = added), softmax by nanops. query (L, N, C), key/value (S, N, C) -> (L, N, C)."""
-        ma = self.ma
-        L, N, C = query.shape
-        S, H = key.shape[0], ma.num_heads
-        d = C // H
-        w_q, w_k, w_v = ma.in_proj_weight.chunk(3)
-        b_q, b_k, b_v = ma.in_proj_bias.chunk(3) if ma.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, w_q, b_q).reshape(L, N * H, d).transpose(0, 1)
-        k = F.linear(key, w_k, b_k).reshape(S, N * H, d).transpose(0, 1)
-        v = F.linear(value, w_v, b_v).reshape(S, N * H, d).transpose(0, 1)
-        # float32 logits whatever autocast says: a float16 q.k overflows to inf at |logit| > 65504.
-        with torch.autocast(device_type=query.device.type, enabled=False):
-            acc = torch.promote_types(q.dtype, torch.float32)
-            logits = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2)).view(N, H, L, S)
-        probs = stable_softmax(logits, -1, scale=1.0 / math.sqrt(d), mask=_combined_mask(attn_mask, key_padding_mask, N, H, L, S))
-        probs = probs.view(N * H, L, S).to(v.dtype)
-        if ma.dropout > 0.0 and self.training:
-            probs = F.dropout(probs, ma.dropout)
-        out = torch.bmm(probs, v).transpose(0, 1).reshape(L, N, C)
-        return ma.out_proj(out)
-
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (L, N, C). Optional masks as in nn.MultiheadAttention (off by default)."""
-        x = self.attention(self.q(x), self.k(x), self.v(x), attn_mask, key_padding_mask) + x
+        """x: (L, N, C) or (L, C). Optional masks as in nn.MultiheadAttention (off by default)."""
+        x = self.ma(self.q(x), self.k(x), self.v(x), key_padding_mask=key_padding_mask, need_weights=False,
+                    attn_mask=attn_mask)[0] + x
         return self.fc2(self.fc1(x)) + x
-
-
-def _combined_mask(attn_mask, key_padding_mask, N, H, L, S):
-    """nn.MultiheadAttention masks -> one stable_softmax mask broadcastable to (N, H, L, S).
-
-    MHA: bool True = not allowed, float = added. stable_softmax: bool True = takes part."""
-    masks = []
-    if attn_mask is not None:
-        masks.append(attn_mask.view(N, H, L, S) if attn_mask.dim() == 3 else attn_mask)
-    if key_padding_mask is not None:
-        masks.append(key_padding_mask.view(N, 1, 1, S))
-    masks = [~m if m.dtype == torch.bool else m.float() for m in masks]
-    if len(masks) < 2:
-        return masks[0] if masks else None
-    if all(m.dtype == torch.bool for m in masks):
-        return masks[0] & masks[1]
-    additive = [torch.zeros(m.shape, device=m.device).masked_fill(~m, -math.inf) if m.dtype == torch.bool else m
-                for m in masks]
-    return additive[0] + additive[1]
 
 
 class TransformerBlock(nn.Module):

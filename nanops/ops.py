@@ -4,6 +4,7 @@ Every function here calls a ``torch.ops.nanops.*`` operator defined in csrc/ops.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -112,8 +113,32 @@ def stable_softmax(
         * a NaN in a row's logits still makes that row NaN: broken inputs are not hidden.
         The backward uses the usual formula on the returned probabilities, scale included.
     """
+    if _exporting():
+        return _stable_softmax_composite(x, dim, float(scale), mask)
     check_device(x.device, "stable_softmax")
     return torch.ops.nanops.stable_softmax.default(x, dim, float(scale), mask)
+
+
+def _exporting() -> bool:
+    """True inside torch.jit.trace, ONNX export and torch.export: there the softmax is written
+    with standard ops, so the exported program runs where nanops is not installed."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+            or (is_exporting is not None and is_exporting()))
+
+
+def _stable_softmax_composite(x: torch.Tensor, dim: int, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """stable_softmax from standard ops, for exported graphs: the same result, fully masked rows
+    included, except that a row holding +inf logits gives NaN there (the kernel shares the mass)."""
+    acc = torch.promote_types(x.dtype, torch.float32)
+    z = x.to(acc) * scale
+    if mask is not None:
+        z = z.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else z + mask.to(acc)
+    row_max = z.amax(dim, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(z - row_max)
+    total = e.sum(dim, keepdim=True)
+    return (e / torch.where(total > 0, total, torch.ones_like(total))).to(x.dtype)
 
 
 @torch.library.register_fake("nanops::stable_softmax")

@@ -4,6 +4,10 @@ The NaN guides say "print isnan after every layer"; that syncs the host once per
 every module's outputs (and, in backward, the gradients flowing into them) are checked with
 the fused nonfinite_counts op and the counts stay on the device; `check()` reads them with one
 host sync per step.
+
+The hooks are process-wide module hooks filtered by module identity, never stored on the
+model: a watched model deep-copies and pickles (torch.save, yolov5/ultralytics checkpoints)
+exactly as an unwatched one.
 """
 from __future__ import annotations
 
@@ -54,27 +58,28 @@ class Watch:
         # The outputs of the module that finished last: a container returning its last child's
         # tensors (Sequential, C3, ...) is neither scanned nor hooked a second time.
         self._last_outputs: list[torch.Tensor] = []
-        self._handles = [
-            module.register_forward_hook(self._forward_hook(name)) for name, module in model.named_modules()
-        ]
+        self._names = {id(module): name for name, module in model.named_modules()}
+        self._model = model  # keeps the ids above from being reused while watched
+        self._handles = [torch.nn.modules.module.register_module_forward_hook(self._forward_hook)]
 
     def _record(self, name: str, phase: str, tensors: list[torch.Tensor]) -> None:
         if tensors:
             counts = torch.ops.nanops.nonfinite_counts.default([t.detach() for t in tensors])
             self._records.append((name, phase, counts))  # (len(tensors), 3), summed at check()
 
-    def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            tensors = _tensors(output)
-            if len(tensors) == len(self._last_outputs) and all(a is b for a, b in zip(tensors, self._last_outputs)):
-                return  # same tensors as the child that just finished: already checked and hooked
-            self._last_outputs = tensors
-            self._record(name, "forward", tensors)
-            if self._backward and torch.is_grad_enabled():
-                for t in tensors:
-                    if t.requires_grad:
-                        t.register_hook(lambda grad, name=name: self._record(name, "backward", [grad]))
-        return hook
+    def _forward_hook(self, module, inputs, output) -> None:
+        name = self._names.get(id(module))
+        if name is None:
+            return  # a module of another model
+        tensors = _tensors(output)
+        if len(tensors) == len(self._last_outputs) and all(a is b for a, b in zip(tensors, self._last_outputs)):
+            return  # same tensors as the child that just finished: already checked and hooked
+        self._last_outputs = tensors
+        self._record(name, "forward", tensors)
+        if self._backward and torch.is_grad_enabled():
+            for t in tensors:
+                if t.requires_grad:
+                    t.register_hook(lambda grad, name=name: self._record(name, "backward", [grad]))
 
     def check(self) -> Finding | None:
         """The first non-finite record since the last check (one host sync), then a new step."""
@@ -101,6 +106,8 @@ class Watch:
         self._handles.clear()
         self._records.clear()
         self._last_outputs = []
+        self._names = {}
+        self._model = None
 
     def __enter__(self) -> Watch:
         return self

@@ -1,41 +1,37 @@
-"""Patching a built yolov5 model with nanops' TransformerLayer."""
+"""nanops for the `yolov5` package: stable attention in its models, and its own training, protected.
+
+`patch(model)` / `unpatch(model)` switch the nn.MultiheadAttention inside yolov5's
+TransformerLayer (C3TR, TransformerBlock) to nanops' stable attention and back; the layers,
+their Parameters and their state_dict keys stay yolov5's, and checkpoints of a patched model
+load with yolov5 alone. `train(**kwargs)` runs yolov5's own train.py protected (see
+nanops.yolov5_train).
+"""
 from __future__ import annotations
 
 from torch import nn
 
-from . import nn as nanops_nn
+from . import patching
 from ._yolov5_env import build_transformer_model, transformer_yaml
 
-__all__ = ["build_transformer_model", "patch", "transformer_yaml"]
-
-# Attributes yolov5's Model.forward reads on its top-level layers.
-_ROUTING_ATTRS = ("f", "i", "type", "np")
-
-
-def _is_yolov5_transformer_layer(module: nn.Module) -> bool:
-    return (type(module).__name__ == "TransformerLayer" and not isinstance(module, nanops_nn.TransformerLayer)
-            and all(hasattr(module, a) for a in ("q", "k", "v", "ma", "fc1", "fc2")))
+__all__ = ["build_transformer_model", "patch", "train", "transformer_yaml", "unpatch"]
 
 
 def patch(model: nn.Module) -> int:
-    """Replaces, in place, every yolov5 TransformerLayer in `model` by nanops' TransformerLayer.
+    """Switches, in place, the attention of every yolov5 TransformerLayer in `model` (a yolov5
+    `Model`, DetectMultiBackend's `.model`, or any nn.Module tree) to nanops' stable attention.
 
-    Works on a yolov5 `Model`, on DetectMultiBackend's `.model`, or on any nn.Module tree.
-    Weights, device, dtype and train/eval mode are kept. Returns how many layers were replaced.
-    """
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not _is_yolov5_transformer_layer(child):
-                continue
-            new = nanops_nn.TransformerLayer(child.q.in_features, child.ma.num_heads)
-            new.load_state_dict(child.state_dict(), strict=True)
-            param = next(child.parameters())
-            new.to(device=param.device, dtype=param.dtype)
-            new.train(child.training)
-            for attr in _ROUTING_ATTRS:
-                if hasattr(child, attr):
-                    setattr(new, attr, getattr(child, attr))
-            parent._modules[name] = new
-            replaced += 1
-    return replaced
+    The same Parameter objects stay in place, so an optimizer, EMA or DDP built earlier keeps
+    training them. Returns how many attention modules were switched (0 when already patched)."""
+    return patching.patch(model)
+
+
+def unpatch(model: nn.Module) -> int:
+    """Reverses `patch` (plain yolov5/torch modules again, e.g. before a TorchScript export)."""
+    return patching.unpatch(model)
+
+
+def train(**kwargs):
+    """yolov5.train.run(**kwargs), protected by nanops; returns yolov5's opt namespace."""
+    from .yolov5_train import run
+
+    return run(**kwargs)

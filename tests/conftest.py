@@ -3,7 +3,10 @@ import os
 import pytest
 import torch
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
+from nanops._yolov5_env import prepare_environment  # noqa: E402
+
+# Offline yolov5/ultralytics with a writable config dir (and a font), before any test imports them.
+prepare_environment()
 
 HAS_CUDA = torch.cuda.is_available()
 

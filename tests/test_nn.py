@@ -57,25 +57,50 @@ def test_float16_logit_overflow_stays_finite_where_yolov5_gives_nan():
     assert (y.float() - expected).abs().max() < 0.05 * expected.abs().max()
 
 
-# The reference (torch's MHA) warns about the bool/float mask mix this test feeds it on purpose.
-@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
-def test_key_padding_and_attention_masks_match_multihead_attention():
-    layer = nnn.TransformerLayer(32, 4).eval()
-    q, k, v = torch.randn(6, 2, 32), torch.randn(6, 2, 32), torch.randn(6, 2, 32)
+def test_masks_reach_the_attention_and_match_yolov5_layer():
+    ref = common.TransformerLayer(32, 4).eval()
+    ours = nnn.TransformerLayer(32, 4).eval()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(6, 2, 32)
     pad = torch.tensor([[False] * 4 + [True] * 2, [False] * 6])
     causal = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)
-    for attn_mask, kpm in [(None, pad), (causal, None), (causal, pad), (torch.randn(6, 6), pad)]:
-        expected = layer.ma(q, k, v, attn_mask=attn_mask, key_padding_mask=kpm, need_weights=True)[0]
-        torch.testing.assert_close(layer.attention(q, k, v, attn_mask, kpm), expected, rtol=1e-5, atol=1e-5)
+    for attn_mask, kpm in [(None, pad), (causal, None), (causal, pad)]:
+        xa = ref.ma(ref.q(x), ref.k(x), ref.v(x), attn_mask=attn_mask, key_padding_mask=kpm)[0] + x
+        expected = ref.fc2(ref.fc1(xa)) + xa
+        torch.testing.assert_close(ours(x, attn_mask=attn_mask, key_padding_mask=kpm), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_input_as_yolov5():
+    ref = common.TransformerLayer(16, 2)
+    ours = nnn.TransformerLayer(16, 2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(7, 16)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-5)
 
 
 def test_fully_masked_query_gives_zeros_not_nan():
     layer = nnn.TransformerLayer(32, 4)
     x = torch.randn(5, 1, 32)
     pad = torch.ones(1, 5, dtype=torch.bool)  # every key padded
-    out = layer.attention(x, x, x, key_padding_mask=pad)
-    assert out.isfinite().all()
-    assert layer.ma(x, x, x, key_padding_mask=pad)[0].isnan().all()  # torch's answer
+    assert layer(x, key_padding_mask=pad).isfinite().all()
+    assert torch.nn.MultiheadAttention.forward(layer.ma, x, x, x, key_padding_mask=pad)[0].isnan().all()  # torch
+
+
+def test_integer_masks_are_rejected_as_multihead_attention_does():
+    layer = nnn.TransformerLayer(8, 2)
+    x = torch.randn(3, 1, 8)
+    for bad in (torch.zeros(3, 3, dtype=torch.uint8), torch.zeros(3, 3, dtype=torch.int64)):
+        with pytest.raises(AssertionError, match="only bool and floating types of attn_mask"):
+            layer(x, attn_mask=bad)
+    with pytest.raises(AssertionError, match="only bool and floating types of key_padding_mask"):
+        layer(x, key_padding_mask=torch.zeros(1, 3, dtype=torch.int32))
+
+
+def test_wrong_mask_shape_gets_multihead_attentions_message():
+    layer = nnn.TransformerLayer(8, 2)
+    x = torch.randn(3, 1, 8)
+    with pytest.raises(RuntimeError, match=r"The shape of the 2D attn_mask is torch.Size\(\[3, 4\]\), but should be "):
+        layer(x, attn_mask=torch.zeros(3, 4, dtype=torch.bool))
 
 
 def test_autocast_logits_are_float32():

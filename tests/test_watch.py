@@ -78,3 +78,31 @@ def test_finds_injected_nan_in_yolov5_transformer_model():
         model(x)
         finding = w.check()
     assert finding.module == "model.8.cv1.conv" and finding.phase == "forward"
+
+
+def test_watched_model_deep_copies_and_saves():
+    import copy
+    import io
+
+    model = model_with(None, 0)
+    with nanops.watch(model) as w:
+        model(torch.randn(2, 4)).sum().backward()
+        twin = copy.deepcopy(model)
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # yolov5's checkpoint save pickles the whole model
+        assert w.check() is None
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(torch.ones(1, 4)), twin(torch.ones(1, 4)))
+
+
+def test_locate_forward_names_the_module_and_changes_nothing():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), NanAt("forward"),
+                                torch.nn.Linear(4, 1)).train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    finding = nanops.locate_forward(model, torch.randn(3, 4))
+    assert finding.module == "2" and finding.phase == "forward"
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BatchNorm stats included
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert nanops.locate_forward(model_with(None, 0), torch.randn(3, 4)) is None

@@ -1,0 +1,169 @@
+"""nn.MultiheadAttention's math with nanops' stable softmax and float32 logits.
+
+`multi_head_attention` follows torch.nn.functional.multi_head_attention_forward step for step
+(input checks and their messages, projections, bias_k/bias_v, add_zero_attn, masks, dropout,
+averaged weights) and differs only where torch's answer is NaN:
+  * q·k logits are formed in float32 (float64 for float64 inputs) even under autocast, so a
+    float16 product above 65504 no longer overflows to inf;
+  * the softmax is nanops.stable_softmax: a fully masked row gives zeros, not NaN.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from .ops import stable_softmax
+
+
+def _check_mask_dtype(mask: torch.Tensor | None, name: str) -> None:
+    # Same rule and message as torch's _canonical_mask: integer masks would otherwise be added
+    # to the logits as +1 instead of masking.
+    if mask is not None and mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+
+
+def _as_additive(mask: torch.Tensor) -> torch.Tensor:
+    """MHA's bool mask (True = not allowed) as an additive float32 mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, -math.inf)
+    return mask
+
+
+def combined_mask(
+    attn_mask: torch.Tensor | None,
+    key_padding_mask: torch.Tensor | None,
+    bsz: int,
+    num_heads: int,
+    tgt_len: int,
+    src_len: int,
+) -> torch.Tensor | None:
+    """MHA masks (bool True = not allowed, float = added) as one stable_softmax mask
+    broadcastable to (bsz, num_heads, tgt_len, src_len) (bool True = takes part, float = added).
+
+    attn_mask: (tgt_len, src_len) or (bsz * num_heads, tgt_len, src_len); key_padding_mask:
+    (bsz, src_len). Two bool masks stay bool (no float copy of the logits' size)."""
+    masks = []
+    if attn_mask is not None:
+        masks.append(attn_mask.view(bsz, num_heads, tgt_len, src_len) if attn_mask.dim() == 3 else attn_mask)
+    if key_padding_mask is not None:
+        masks.append(key_padding_mask.view(bsz, 1, 1, src_len))
+    if not masks:
+        return None
+    if all(m.dtype == torch.bool for m in masks):
+        allowed = ~masks[0]
+        return allowed if len(masks) == 1 else allowed & ~masks[1]
+    additive = [_as_additive(m) for m in masks]
+    return additive[0] if len(additive) == 1 else additive[0] + additive[1]
+
+
+def _check_mask_shapes(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len) -> None:
+    # torch's messages, so a user moving from nn.MultiheadAttention reads the same error.
+    if attn_mask is not None:
+        if attn_mask.dim() == 2 and attn_mask.shape != (tgt_len, src_len):
+            raise RuntimeError(f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                               f"{(tgt_len, src_len)}.")
+        if attn_mask.dim() == 3 and attn_mask.shape != (bsz * num_heads, tgt_len, src_len):
+            raise RuntimeError(f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                               f"{(bsz * num_heads, tgt_len, src_len)}.")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape[0] != bsz:
+            raise AssertionError(f"Expected key_padded_mask.shape[0] to be {bsz}, but got {key_padding_mask.shape[0]}")
+        if key_padding_mask.shape[1] != src_len:
+            raise AssertionError(f"Expected key_padded_mask.shape[1] to be {src_len}, but got "
+                                 f"{key_padding_mask.shape[1]}")
+
+
+def _project(query, key, value, mha) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if mha._qkv_same_embed_dim:
+        w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def multi_head_attention(
+    mha: torch.nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    need_weights: bool = True,
+    attn_mask: torch.Tensor | None = None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The forward of `mha` (an nn.MultiheadAttention's parameters and options), sequence first.
+
+    query (L, N, E) or unbatched (L, E); key/value (S, N, kdim/vdim) or (S, kdim/vdim).
+    Returns the output (L, N, E) and, with need_weights, the attention weights (N, L, S) averaged
+    over heads, or (N, num_heads, L, S) with average_attn_weights=False (no N when unbatched).
+    """
+    is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, mha.num_heads)
+    if not is_batched:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    _check_mask_dtype(key_padding_mask, "key_padding_mask")
+    _check_mask_dtype(attn_mask, "attn_mask")
+    if (key_padding_mask is not None and attn_mask is not None and key_padding_mask.dtype != attn_mask.dtype):
+        warnings.warn("Support for mismatched key_padding_mask and attn_mask is deprecated. Use same type for "
+                      "both instead.", stacklevel=3)
+    if is_causal and attn_mask is None:
+        raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
+                           "method `generate_square_subsequent_mask` to create this mask.")
+
+    tgt_len, bsz, embed_dim = query.shape
+    num_heads = mha.num_heads
+    if embed_dim != mha.embed_dim:
+        raise AssertionError(f"was expecting embedding dimension of {mha.embed_dim}, but got {embed_dim}")
+    head_dim = embed_dim // num_heads
+    if mha._qkv_same_embed_dim and key.shape != value.shape:
+        raise AssertionError(f"key shape {key.shape} does not match value shape {value.shape}")
+    if not mha._qkv_same_embed_dim and key.shape[:2] != value.shape[:2]:
+        raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
+    _check_mask_shapes(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, key.shape[0])
+
+    q, k, v = _project(query, key, value, mha)
+    if mha.bias_k is not None and mha.bias_v is not None:
+        k = torch.cat([k, mha.bias_k.repeat(1, bsz, 1)])
+        v = torch.cat([v, mha.bias_v.repeat(1, bsz, 1)])
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    q = q.reshape(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
+    k = k.reshape(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    v = v.reshape(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+    if mha.add_zero_attn:
+        zeros = (bsz * num_heads, 1, head_dim)
+        k = torch.cat([k, k.new_zeros(zeros)], dim=1)
+        v = torch.cat([v, v.new_zeros(zeros)], dim=1)
+        attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
+        key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
+    src_len = k.shape[1]
+
+    # float32 logits whatever autocast says: a float16 q.k overflows to inf above 65504.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        acc = torch.promote_types(q.dtype, torch.float32)
+        logits = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2)).view(bsz, num_heads, tgt_len, src_len)
+    mask = combined_mask(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len)
+    probs = stable_softmax(logits, -1, scale=1.0 / math.sqrt(head_dim), mask=mask).view(bsz * num_heads, tgt_len,
+                                                                                        src_len)
+    if mha.dropout > 0.0 and mha.training:
+        probs = F.dropout(probs, p=mha.dropout)
+    out = torch.bmm(probs.to(v.dtype), v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+    out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(tgt_len, bsz, -1)
+
+    weights = None
+    if need_weights:
+        # Under autocast torch's softmax answers float32; otherwise the inputs' dtype.
+        weights = probs if torch.is_autocast_enabled(q.device.type) else probs.to(query.dtype)
+        weights = weights.view(bsz, num_heads, tgt_len, src_len)
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+    if not is_batched:
+        out = out.squeeze(1)
+        weights = None if weights is None else weights.squeeze(0)
+    return out, weights

@@ -1,0 +1,245 @@
+"""`nanops train`: the yolov5 package's own train.py, protected from outside.
+
+Nothing of yolov5 is copied or edited. For the duration of the run nanops swaps in, through
+the names train.py looks up:
+  * `Model` / `attempt_load`: the built model's attention is switched to nanops' (same
+    Parameters; patched modules pickle as torch's, so last.pt/best.pt stay plain yolov5);
+  * `torch.cuda.amp.GradScaler`: nanops.GradScaler, which skips a non-finite step with AMP on
+    *and off* and restores the BatchNorm statistics the corrupt batch's forward moved;
+  * `torch.nn.utils.clip_grad_norm_`: nanops' overflow-free clip, which leaves non-finite
+    grads untouched;
+  * `ModelEMA.update`: not applied after a skipped step.
+Each skipped step is logged (epoch, iteration, first non-finite module found by replaying the
+batch's forward), written to `<save_dir>/nanops_skipped_steps.csv` and summed up at the end.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import patching
+from ._yolov5_env import prepare_environment, quiet_yolov5_import
+from .clip import clip_grad_norm_
+from .locate import locate_forward
+from .scaler import GradScaler
+
+SKIPPED_CSV = "nanops_skipped_steps.csv"
+
+
+@dataclass
+class SkippedStep:
+    epoch: int
+    iteration: int
+    first_nonfinite: str
+
+
+@contextlib.contextmanager
+def _swapped(*swaps: tuple[object, str, object]) -> Iterator[None]:
+    """Sets obj.name = value for each swap, restoring the originals on exit."""
+    originals = [(obj, name, getattr(obj, name)) for obj, name, _ in swaps]
+    try:
+        for obj, name, value in swaps:
+            setattr(obj, name, value)
+        yield
+    finally:
+        for obj, name, value in reversed(originals):
+            setattr(obj, name, value)
+
+
+class Protection:
+    """The state of one protected yolov5 run: its models, its scaler, its skipped steps."""
+
+    def __init__(self, opt) -> None:
+        self.opt = opt
+        self.models: list[torch.nn.Module] = []
+        self.scaler: GradScaler | None = None
+        self.skipped: list[SkippedStep] = []
+        self.epoch = -1
+        self._pending_skip = False
+
+    # --- what train.py calls --------------------------------------------------------------
+    def _model_factory(self, original):
+        def build(*args, **kwargs):
+            model = original(*args, **kwargs)
+            patching.patch(model)
+            self.models.append(model)
+            return model
+        return build
+
+    def _load_factory(self, original):
+        def load(*args, **kwargs):
+            model = original(*args, **kwargs)
+            patching.patch(model)
+            return model
+        return load
+
+    def _scaler_factory(self, *args, **kwargs) -> GradScaler:
+        scaler = GradScaler("cuda", *args, **kwargs)
+        if self.models:
+            scaler.protect(self.models[-1])
+        scaler.on_skip(self._mark_skip)
+        self.scaler = scaler
+        return scaler
+
+    def _ema_update(self, original):
+        def update(ema, model):
+            if self.scaler is not None and self.scaler.last_step_skipped:
+                return  # the model is as before the batch: nothing to average in
+            return original(ema, model)
+        return update
+
+    def _mark_skip(self) -> None:
+        self._pending_skip = True
+
+    # --- yolov5 callbacks -----------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.epoch += 1
+
+    def on_train_batch_end(self, model, ni, imgs, targets, paths, vals) -> None:
+        if not self._pending_skip:
+            return
+        self._pending_skip = False
+        amp = self.scaler is not None and self.scaler.is_enabled()
+        finding = locate_forward(model, imgs, autocast=amp)
+        where = (f"forward of {finding.module or '<root>'}" if finding is not None
+                 else "loss or backward (every module's forward output was finite)")
+        step = SkippedStep(self.epoch, int(ni), where)
+        self.skipped.append(step)
+        self._log().warning(f"nanops: skipped the optimizer step at epoch {step.epoch}, iteration {step.iteration}: "
+                            f"non-finite gradients; first non-finite: {where}. Weights, optimizer state, EMA and "
+                            "BatchNorm statistics are as before this batch.")
+        self._write_csv()
+
+    def on_train_end(self, last, best, epoch, results) -> None:
+        self._write_csv()
+        steps = self.scaler.total_steps if self.scaler is not None else 0
+        epochs = sorted({s.epoch for s in self.skipped})
+        self._log().info(f"nanops: {len(self.skipped)} of {steps} optimizer step(s) skipped for non-finite gradients"
+                         + (f" (epochs {', '.join(map(str, epochs))}); see {self.csv_path}" if self.skipped else ""))
+
+    @property
+    def csv_path(self) -> Path:
+        return Path(self.opt.save_dir) / SKIPPED_CSV
+
+    def _write_csv(self) -> None:
+        path = self.csv_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["epoch", "iteration", "first_nonfinite"])
+            writer.writerows([s.epoch, s.iteration, s.first_nonfinite] for s in self.skipped)
+
+    @staticmethod
+    def _log():
+        from yolov5.utils.general import LOGGER
+
+        return LOGGER
+
+    def callbacks(self):
+        from yolov5.utils.callbacks import Callbacks
+
+        callbacks = Callbacks()
+        for hook in ("on_train_epoch_start", "on_train_batch_end", "on_train_end"):
+            callbacks.register_action(hook, name="nanops", callback=getattr(self, hook))
+        return callbacks
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """train.py's names pointed at nanops for the duration of the run."""
+        import yolov5.train as yolov5_train
+        from yolov5.utils.torch_utils import ModelEMA
+
+        with _swapped(
+            (yolov5_train, "Model", self._model_factory(yolov5_train.Model)),
+            (yolov5_train, "attempt_load", self._load_factory(yolov5_train.attempt_load)),
+            (torch.cuda.amp, "GradScaler", self._scaler_factory),
+            (torch.nn.utils, "clip_grad_norm_", clip_grad_norm_),
+            (ModelEMA, "update", self._ema_update(ModelEMA.update)),
+        ):
+            yield
+
+
+@contextlib.contextmanager
+def _argv(argv: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = argv
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def _train(opt) -> Protection:
+    import yolov5.train as yolov5_train
+
+    protection = Protection(opt)
+    with protection.installed():
+        yolov5_train.main(opt, callbacks=protection.callbacks())
+    return protection
+
+
+def run(**kwargs) -> object:
+    """yolov5.train.run(**kwargs) protected by nanops; returns yolov5's opt namespace, with
+    `opt.nanops_skipped` (a list of SkippedStep) added."""
+    prepare_environment()
+    quiet_yolov5_import("yolov5.train")
+    import yolov5.train as yolov5_train
+
+    with _argv([sys.argv[0]]):
+        opt = yolov5_train.parse_opt(True)
+    for key, value in kwargs.items():
+        setattr(opt, key, value)
+    opt.nanops_skipped = _train(opt).skipped
+    return opt
+
+
+def main(argv: list[str]) -> int:
+    """`nanops train [yolov5 train flags]`: exit status 0 when training finished."""
+    prepare_environment()
+    try:
+        quiet_yolov5_import("yolov5.train")
+    except ImportError as err:
+        print(f"nanops train: needs the yolov5 package ({err}); install it with: pip install 'nanops[yolov5]'",
+              file=sys.stderr)
+        return 2
+    import yolov5.train as yolov5_train
+
+    with _argv(["nanops train", *argv]):
+        opt = yolov5_train.parse_opt()  # yolov5's own parser: unknown flags get its usage and exit 2
+    try:
+        _train(opt)
+    except (AssertionError, FileNotFoundError) as err:
+        # yolov5 reports bad paths and arguments by assertion; its message, without our frames.
+        print(f"nanops train: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+@contextlib.contextmanager
+def inject_nonfinite_input(step: int, value: float = math.inf) -> Iterator[None]:
+    """For demos and tests: the `step`-th training forward of any yolov5 model gets one
+    non-finite pixel (as an overflowed image decode would give), in place in its input batch."""
+    from yolov5.models.yolo import BaseModel
+
+    seen = 0
+
+    def corrupt(module, args):
+        nonlocal seen
+        if isinstance(module, BaseModel) and module.training and torch.is_grad_enabled():
+            if seen == step:
+                images = args[0]
+                images[0, 1, images.shape[2] // 2, images.shape[3] // 2] = value
+            seen += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(corrupt)
+    try:
+        yield
+    finally:
+        handle.remove()

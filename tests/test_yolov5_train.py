@@ -1,0 +1,139 @@
+"""yolov5's own train.py, plain and under `nanops train`, on a tiny synthetic dataset with one
+corrupt batch (CPU, 64 px, 8 images, 2 epochs)."""
+import csv
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanops.synthetic import write_yolo_dataset
+from nanops.yolov5 import transformer_yaml
+from nanops.yolov5_train import SKIPPED_CSV, _argv, inject_nonfinite_input, run
+
+pytestmark = pytest.mark.slow
+
+CORRUPT_STEP = 1  # the second training forward (epoch 0)
+
+
+def _train_args(root: Path, data: Path, name: str) -> dict:
+    return dict(data=str(data), cfg=str(transformer_yaml()), weights="", epochs=2, batch_size=4, imgsz=64,
+                workers=0, device="cpu", project=str(root / "runs"), name=name, exist_ok=True, noplots=True)
+
+
+def _plain_yolov5_train(**kwargs) -> Path:
+    import yolov5.train as yolov5_train
+    from yolov5.utils.callbacks import Callbacks
+
+    with _argv([sys.argv[0]]):
+        opt = yolov5_train.parse_opt(True)
+    for key, value in kwargs.items():
+        setattr(opt, key, value)
+    yolov5_train.main(opt, callbacks=Callbacks())
+    return Path(opt.save_dir)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("yolov5_train")
+    data = write_yolo_dataset(root / "data", num_train=8, num_val=4, size=64)
+    with inject_nonfinite_input(CORRUPT_STEP):
+        plain_dir = _plain_yolov5_train(**_train_args(root, data, "plain"))
+    with inject_nonfinite_input(CORRUPT_STEP):
+        opt = run(**_train_args(root, data, "nanops"))
+    return plain_dir, Path(opt.save_dir), opt, data
+
+
+def _checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _all_finite(module: torch.nn.Module) -> bool:
+    tensors = list(module.state_dict().values())
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.dtype.is_floating_point)
+
+
+def _bn_buffers_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(m.running_mean).all() and torch.isfinite(m.running_var).all())
+               for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def _val_losses(save_dir: Path) -> list[float]:
+    with (save_dir / "results.csv").open() as f:
+        rows = [{k.strip(): v.strip() for k, v in row.items()} for row in csv.DictReader(f)]
+    return [float(r["val/box_loss"]) + float(r["val/obj_loss"]) + float(r["val/cls_loss"]) for r in rows]
+
+
+def test_plain_yolov5_train_is_ruined_by_one_corrupt_batch(runs):
+    plain_dir, *_ = runs
+    ckpt = _checkpoint(plain_dir / "weights" / "last.pt")  # yolov5 stores the EMA as "model" at the end
+    assert not _all_finite(ckpt["model"]) or not _bn_buffers_finite(ckpt["model"])
+    assert not any(math.isfinite(v) for v in _val_losses(plain_dir))
+
+
+def test_nanops_train_skips_the_step_and_keeps_the_whole_model_finite(runs):
+    _, nanops_dir, opt, _ = runs
+    for name in ("last.pt", "best.pt"):
+        ckpt = _checkpoint(nanops_dir / "weights" / name)
+        assert _all_finite(ckpt["model"]) and _bn_buffers_finite(ckpt["model"])
+    assert all(math.isfinite(v) for v in _val_losses(nanops_dir))
+    assert len(opt.nanops_skipped) == 1
+    skipped = opt.nanops_skipped[0]
+    assert (skipped.epoch, skipped.iteration) == (0, CORRUPT_STEP)
+    assert skipped.first_nonfinite == "forward of model.0.conv"
+    with (nanops_dir / SKIPPED_CSV).open() as f:
+        rows = list(csv.DictReader(f))
+    assert rows == [{"epoch": "0", "iteration": str(CORRUPT_STEP), "first_nonfinite": "forward of model.0.conv"}]
+
+
+def test_protected_checkpoint_loads_validates_and_exports_without_nanops(runs, tmp_path):
+    _, nanops_dir, _, data = runs
+    last = nanops_dir / "weights" / "last.pt"
+    script = textwrap.dedent(f"""
+        import importlib.abc, os, sys
+        class BlockNanops(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name == "nanops" or name.startswith("nanops."):
+                    raise ImportError("nanops is not installed here")
+        sys.meta_path.insert(0, BlockNanops())
+        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+        import torch
+        from yolov5.models.experimental import attempt_load
+        model = attempt_load({str(last)!r}, device="cpu")
+        assert type(model).__module__.startswith("yolov5"), type(model)
+        assert not any("nanops" in type(m).__module__ for m in model.modules())
+        from yolov5 import val, export
+        results = val.run(data={str(data)!r}, weights={str(last)!r}, imgsz=64, batch_size=4, device="cpu",
+                          project={str(tmp_path)!r}, name="val", plots=False)[0]
+        assert all(v == v for v in results), results
+        export.run(weights={str(last)!r}, include=("torchscript", "onnx"), imgsz=(64, 64), device="cpu")
+        print("LOADED-VALIDATED-EXPORTED")
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
+    assert "LOADED-VALIDATED-EXPORTED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert last.with_suffix(".torchscript").stat().st_size > 1_000_000
+    assert last.with_suffix(".onnx").stat().st_size > 1_000_000
+
+
+def test_protected_checkpoint_is_no_larger_than_plain(runs):
+    plain_dir, nanops_dir, *_ = runs
+    plain = (plain_dir / "weights" / "last.pt").stat().st_size
+    ours = (nanops_dir / "weights" / "last.pt").stat().st_size
+    assert ours <= plain * 1.001
+
+
+def test_cli_bad_flags_and_missing_data_get_yolov5s_messages(tmp_path, capsys):
+    from nanops.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", "--no-such-flag"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+    code = main(["train", "--data", str(tmp_path / "missing.yaml"), "--cfg", str(transformer_yaml()),
+                 "--weights", "", "--project", str(tmp_path), "--device", "cpu"])
+    assert code == 2
+    assert "missing.yaml" in capsys.readouterr().err
