@@ -100,8 +100,9 @@ def test_locate_forward_names_the_module_and_changes_nothing():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), NanAt("forward"),
                                 torch.nn.Linear(4, 1)).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 4)
     rng = torch.get_rng_state()
-    finding = nanops.locate_forward(model, torch.randn(3, 4))
+    finding = nanops.locate_forward(model, x)
     assert finding.module == "2" and finding.phase == "forward"
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BatchNorm stats included
     assert torch.equal(torch.get_rng_state(), rng)
