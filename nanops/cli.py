@@ -3,17 +3,44 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 
-def _cmd_demo(args) -> int:
-    from .demo import run_demo
+def _demo_argument_error(args) -> str | None:
+    if args.epochs < 1:
+        return f"--epochs must be >= 1, got {args.epochs}"
+    if args.batch < 1:
+        return f"--batch must be >= 1, got {args.batch}"
+    if args.images < 2:
+        return f"--images must be >= 2, got {args.images}"
+    if args.img < 32 or args.img % 32:
+        return f"--img must be a multiple of 32 (yolov5's stride), got {args.img}"
+    steps = args.epochs * math.ceil(args.images / args.batch)
+    if not 0 <= args.corrupt_step < steps:
+        return f"--corrupt-step must be in [0, {steps}) ({args.epochs} epochs of {math.ceil(args.images / args.batch)} batches), got {args.corrupt_step}"
+    if not args.no_plot:
+        folder = Path(args.plot).resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            return f"--plot: cannot write into {folder}"
+    return None
 
-    plain, ours = run_demo(steps=args.steps, corrupt_step=args.corrupt_step, batch=args.batch,
-                           image_size=args.img, plot=None if args.no_plot else Path(args.plot))
-    # Success: nanops trained on past the corrupt batch (whose own loss is NaN by construction).
-    recovered = all(math.isfinite(v) for v in ours.loss[args.corrupt_step + 1:])
+
+def _cmd_demo(args) -> int:
+    if (problem := _demo_argument_error(args)) is not None:
+        print(f"nanops demo: {problem}", file=sys.stderr)
+        return 2
+    try:
+        from .demo import run_demo
+    except ImportError as err:
+        print(f"nanops demo: needs the yolov5 package ({err}); install it with: pip install 'nanops[yolov5]'",
+              file=sys.stderr)
+        return 2
+    plain, ours = run_demo(epochs=args.epochs, corrupt_step=args.corrupt_step, batch=args.batch,
+                           image_size=args.img, images=args.images, plot=None if args.no_plot else Path(args.plot))
+    # Success: nanops skipped the corrupt step and ended with finite weights and validation.
+    recovered = ours.weights_finite and bool(ours.skipped) and all(math.isfinite(v) for v in ours.val_loss)
     return 0 if recovered else 1
 
 
@@ -39,7 +66,7 @@ def _cmd_check(args) -> int:
     bad = int((counts.sum(1) > 0).sum())
     norm = nanops.get_total_norm(grads)
     print(f"yolov5s-transformer: {len(grads)} grad tensors, {sum(g.numel() for g in grads):,} values, "
-          f"{replaced} TransformerLayer patched")
+          f"{replaced} attention module(s) patched")
     print(f"grad norm {float(norm):.4g}; tensors with NaN/Inf: {bad} "
           f"(NaN {int(counts[:, 0].sum())}, +Inf {int(counts[:, 1].sum())}, -Inf {int(counts[:, 2].sum())})")
     print(f"first non-finite module: {finding}" if finding else "first non-finite module: none, all finite")
@@ -109,10 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="yolov5's own training (any `yolov5 train` flag), protected by nanops",
                    add_help=False)
     demo = sub.add_parser("demo", help="plain yolov5 training vs nanops on a run with a corrupt batch")
-    demo.add_argument("--steps", type=int, default=24)
-    demo.add_argument("--corrupt-step", type=int, default=6)
-    demo.add_argument("--batch", type=int, default=2)
-    demo.add_argument("--img", type=int, default=256)
+    demo.add_argument("--epochs", type=int, default=5)
+    demo.add_argument("--corrupt-step", type=int, default=1, help="training batch (from 0) given a non-finite pixel")
+    demo.add_argument("--batch", type=int, default=4)
+    demo.add_argument("--images", type=int, default=16, help="synthetic training images")
+    demo.add_argument("--img", type=int, default=64)
     demo.add_argument("--plot", default="nanops_demo.png")
     demo.add_argument("--no-plot", action="store_true")
     demo.set_defaults(fn=_cmd_demo)

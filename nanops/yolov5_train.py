@@ -185,19 +185,33 @@ def _train(opt) -> Protection:
     return protection
 
 
-def run(**kwargs) -> object:
-    """yolov5.train.run(**kwargs) protected by nanops; returns yolov5's opt namespace, with
-    `opt.nanops_skipped` (a list of SkippedStep) added."""
+def _options(kwargs: dict):
+    """yolov5's defaults (its parser, not our process's argv) overridden by kwargs, as its run()."""
     prepare_environment()
-    quiet_yolov5_import("yolov5.train")
-    import yolov5.train as yolov5_train
-
+    yolov5_train = quiet_yolov5_import("yolov5.train")
     with _argv([sys.argv[0]]):
         opt = yolov5_train.parse_opt(True)
     for key, value in kwargs.items():
         setattr(opt, key, value)
+    return opt
+
+
+def run(**kwargs) -> object:
+    """yolov5.train.run(**kwargs) protected by nanops; returns yolov5's opt namespace, with
+    `opt.nanops_skipped` (a list of SkippedStep) added."""
+    opt = _options(kwargs)
     opt.nanops_skipped = _train(opt).skipped
     return opt
+
+
+def run_plain(**kwargs) -> Path:
+    """yolov5.train.run(**kwargs) exactly as yolov5 runs it (the baseline of the demo and tests);
+    returns its save_dir."""
+    from yolov5.utils.callbacks import Callbacks
+
+    opt = _options(kwargs)
+    sys.modules["yolov5.train"].main(opt, callbacks=Callbacks())
+    return Path(opt.save_dir)
 
 
 def main(argv: list[str]) -> int:

@@ -5,21 +5,35 @@ import pytest
 from nanops.cli import main
 from nanops.demo import run_demo
 
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true"),
+    pytest.mark.filterwarnings("ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected")]
+
 
 @pytest.mark.slow
-def test_demo_plain_run_goes_nan_nanops_run_recovers(tmp_path, capsys):
-    plain, ours = run_demo(steps=6, corrupt_step=2, batch=2, image_size=128, plot=tmp_path / "demo.png")
-    assert all(math.isfinite(v) for v in plain.loss[:2])
-    assert all(not math.isfinite(v) for v in plain.loss[3:])  # NaN weights never recover
-    assert ours.skipped == [False, False, True, False, False, False]
-    assert all(math.isfinite(v) for i, v in enumerate(ours.loss) if i != 2)
-    assert ours.findings[2] == "model.0.conv (forward)"
+def test_demo_plain_yolov5_goes_nan_nanops_train_recovers(tmp_path, capsys):
+    plain, ours = run_demo(epochs=2, corrupt_step=1, batch=4, images=8, plot=tmp_path / "demo.png",
+                           workdir=tmp_path / "work")
+    assert not plain.weights_finite and not any(math.isfinite(v) for v in plain.val_loss)
+    assert ours.weights_finite and all(math.isfinite(v) for v in ours.val_loss) and len(ours.val_loss) == 2
+    assert [(s.epoch, s.iteration, s.first_nonfinite) for s in ours.skipped] == [(0, 1, "forward of model.0.conv")]
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    assert "step(s) skipped" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "final weights finite: plain yolov5 False, nanops True" in out
 
 
-def test_demo_command_exits_zero_when_nanops_recovers(tmp_path):
-    assert main(["demo", "--steps", "4", "--corrupt-step", "1", "--img", "96", "--no-plot"]) == 0
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--batch", "0"], "--batch must be >= 1"),
+    (["--img", "70"], "--img must be a multiple of 32"),
+    (["--corrupt-step", "99"], "--corrupt-step must be in [0, 20)"),
+    (["--plot", "/nonexistent-dir/x.png"], "--plot: cannot write into /nonexistent-dir"),
+])
+def test_demo_bad_arguments_get_one_line_and_exit_2(argv, message, capsys):
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
 
 
 def test_check_command_reports_clean_and_injected(capsys):

@@ -1,6 +1,7 @@
 import copy
 import io
 
+import pytest
 import torch
 
 import nanops
@@ -74,6 +75,9 @@ def test_patched_checkpoint_is_plain_and_no_larger():
     assert next(model.parameters()).dtype == torch.float32
 
 
+# torch.jit's own deprecation notes, and shape reads that tracing records as constants.
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
 def test_traced_patched_model_needs_no_nanops_op():
     model = build_transformer_model().eval()
     patch(model)

@@ -12,9 +12,16 @@ import torch
 
 from nanops.synthetic import write_yolo_dataset
 from nanops.yolov5 import transformer_yaml
-from nanops.yolov5_train import SKIPPED_CSV, _argv, inject_nonfinite_input, run
+from nanops.yolov5_train import SKIPPED_CSV, inject_nonfinite_input, run, run_plain
 
-pytestmark = pytest.mark.slow
+pytestmark = [
+    pytest.mark.slow,
+    # yolov5 7.0's own deprecated calls (torch.cuda.amp, np.trapz, distutils), not ours.
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true"),
+    pytest.mark.filterwarnings("ignore:Environment variable TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD detected"),
+]
 
 CORRUPT_STEP = 1  # the second training forward (epoch 0)
 
@@ -24,24 +31,12 @@ def _train_args(root: Path, data: Path, name: str) -> dict:
                 workers=0, device="cpu", project=str(root / "runs"), name=name, exist_ok=True, noplots=True)
 
 
-def _plain_yolov5_train(**kwargs) -> Path:
-    import yolov5.train as yolov5_train
-    from yolov5.utils.callbacks import Callbacks
-
-    with _argv([sys.argv[0]]):
-        opt = yolov5_train.parse_opt(True)
-    for key, value in kwargs.items():
-        setattr(opt, key, value)
-    yolov5_train.main(opt, callbacks=Callbacks())
-    return Path(opt.save_dir)
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("yolov5_train")
     data = write_yolo_dataset(root / "data", num_train=8, num_val=4, size=64)
     with inject_nonfinite_input(CORRUPT_STEP):
-        plain_dir = _plain_yolov5_train(**_train_args(root, data, "plain"))
+        plain_dir = run_plain(**_train_args(root, data, "plain"))
     with inject_nonfinite_input(CORRUPT_STEP):
         opt = run(**_train_args(root, data, "nanops"))
     return plain_dir, Path(opt.save_dir), opt, data
