@@ -15,29 +15,20 @@ batch's forward), written to `<save_dir>/nanops_skipped_steps.csv` and summed up
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import patching
+from . import inject, patching
 from ._yolov5_env import prepare_environment, quiet_yolov5_import
 from .clip import clip_grad_norm_
-from .locate import locate_forward
 from .scaler import GradScaler
+from .skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
 
-SKIPPED_CSV = "nanops_skipped_steps.csv"
-
-
-@dataclass
-class SkippedStep:
-    epoch: int
-    iteration: int
-    first_nonfinite: str
+__all__ = ["SKIPPED_CSV", "SkippedStep", "inject_nonfinite_input", "main", "run", "run_plain"]
 
 
 @contextlib.contextmanager
@@ -60,7 +51,7 @@ class Protection:
         self.opt = opt
         self.models: list[torch.nn.Module] = []
         self.scaler: GradScaler | None = None
-        self.skipped: list[SkippedStep] = []
+        self.report = SkipReport(quiet_yolov5_import("yolov5.utils.general").LOGGER)
         self.epoch = -1
         self._pending_skip = False
 
@@ -107,40 +98,11 @@ class Protection:
             return
         self._pending_skip = False
         amp = self.scaler is not None and self.scaler.is_enabled()
-        finding = locate_forward(model, imgs, autocast=amp)
-        where = (f"forward of {finding.module or '<root>'}" if finding is not None
-                 else "loss or backward (every module's forward output was finite)")
-        step = SkippedStep(self.epoch, int(ni), where)
-        self.skipped.append(step)
-        self._log().warning(f"nanops: skipped the optimizer step at epoch {step.epoch}, iteration {step.iteration}: "
-                            f"non-finite gradients; first non-finite: {where}. Weights, optimizer state, EMA and "
-                            "BatchNorm statistics are as before this batch.")
-        self._write_csv()
+        where = first_nonfinite(model, imgs, autocast=amp)
+        self.report.add(SkippedStep(self.epoch, int(ni), where), self.opt.save_dir)
 
     def on_train_end(self, last, best, epoch, results) -> None:
-        self._write_csv()
-        steps = self.scaler.total_steps if self.scaler is not None else 0
-        epochs = sorted({s.epoch for s in self.skipped})
-        self._log().info(f"nanops: {len(self.skipped)} of {steps} optimizer step(s) skipped for non-finite gradients"
-                         + (f" (epochs {', '.join(map(str, epochs))}); see {self.csv_path}" if self.skipped else ""))
-
-    @property
-    def csv_path(self) -> Path:
-        return Path(self.opt.save_dir) / SKIPPED_CSV
-
-    def _write_csv(self) -> None:
-        path = self.csv_path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["epoch", "iteration", "first_nonfinite"])
-            writer.writerows([s.epoch, s.iteration, s.first_nonfinite] for s in self.skipped)
-
-    @staticmethod
-    def _log():
-        from yolov5.utils.general import LOGGER
-
-        return LOGGER
+        self.report.finish(self.opt.save_dir, self.scaler.total_steps if self.scaler is not None else 0)
 
     def callbacks(self):
         from yolov5.utils.callbacks import Callbacks
@@ -200,7 +162,7 @@ def run(**kwargs) -> object:
     """yolov5.train.run(**kwargs) protected by nanops; returns yolov5's opt namespace, with
     `opt.nanops_skipped` (a list of SkippedStep) added."""
     opt = _options(kwargs)
-    opt.nanops_skipped = _train(opt).skipped
+    opt.nanops_skipped = _train(opt).report.steps
     return opt
 
 
@@ -236,24 +198,9 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def inject_nonfinite_input(step: int, value: float = math.inf) -> Iterator[None]:
+def inject_nonfinite_input(step: int, value: float = math.inf):
     """For demos and tests: the `step`-th training forward of any yolov5 model gets one
     non-finite pixel (as an overflowed image decode would give), in place in its input batch."""
     from yolov5.models.yolo import BaseModel
 
-    seen = 0
-
-    def corrupt(module, args):
-        nonlocal seen
-        if isinstance(module, BaseModel) and module.training and torch.is_grad_enabled():
-            if seen == step:
-                images = args[0]
-                images[0, 1, images.shape[2] // 2, images.shape[3] // 2] = value
-            seen += 1
-
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(corrupt)
-    try:
-        yield
-    finally:
-        handle.remove()
+    return inject.inject_nonfinite_input(step, BaseModel, value)

@@ -29,3 +29,25 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     a, e = actual.double(), expected.double()
     denom = e.norm().item()
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+_BLOCK_NANOPS = """
+import importlib.abc, os, sys
+class BlockNanops(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "nanops" or name.startswith("nanops."):
+            raise ImportError("nanops is not installed here")
+sys.meta_path.insert(0, BlockNanops())
+os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+os.environ["YOLO_OFFLINE"] = "1"
+"""
+
+
+def run_without_nanops(code: str, cwd, timeout: int = 300) -> "subprocess.CompletedProcess":
+    """Runs `code` in a fresh Python where importing nanops fails, as on a machine without it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    return subprocess.run([sys.executable, "-c", _BLOCK_NANOPS + textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, cwd=cwd)

@@ -2,14 +2,12 @@
 corrupt batch (CPU, 64 px, 8 images, 2 epochs)."""
 import csv
 import math
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import run_without_nanops
 from nanops.synthetic import write_yolo_dataset
 from nanops.yolov5 import transformer_yaml
 from nanops.yolov5_train import SKIPPED_CSV, inject_nonfinite_input, run, run_plain
@@ -87,14 +85,7 @@ def test_nanops_train_skips_the_step_and_keeps_the_whole_model_finite(runs):
 def test_protected_checkpoint_loads_validates_and_exports_without_nanops(runs, tmp_path):
     _, nanops_dir, _, data = runs
     last = nanops_dir / "weights" / "last.pt"
-    script = textwrap.dedent(f"""
-        import importlib.abc, os, sys
-        class BlockNanops(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path, target=None):
-                if name == "nanops" or name.startswith("nanops."):
-                    raise ImportError("nanops is not installed here")
-        sys.meta_path.insert(0, BlockNanops())
-        os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    done = run_without_nanops(f"""
         import torch
         from yolov5.models.experimental import attempt_load
         model = attempt_load({str(last)!r}, device="cpu")
@@ -106,9 +97,7 @@ def test_protected_checkpoint_loads_validates_and_exports_without_nanops(runs, t
         assert all(v == v for v in results), results
         export.run(weights={str(last)!r}, include=("torchscript", "onnx"), imgsz=(64, 64), device="cpu")
         print("LOADED-VALIDATED-EXPORTED")
-    """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env={**__import__("os").environ, "YOLO_OFFLINE": "1"})
+    """, cwd=tmp_path)
     assert "LOADED-VALIDATED-EXPORTED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert last.with_suffix(".torchscript").stat().st_size > 1_000_000
     assert last.with_suffix(".onnx").stat().st_size > 1_000_000

@@ -1,0 +1,30 @@
+"""For demos and tests: a non-finite value in one training batch, as a corrupt image gives."""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+
+@contextlib.contextmanager
+def inject_nonfinite_input(step: int, model_type: type, value: float = math.inf) -> Iterator[None]:
+    """The `step`-th training forward (train mode, grad enabled, counted from 0) of any model of
+    `model_type` gets one `value` pixel, written in place into its (N, C, H, W) input batch (or
+    the batch dict's "img", as ultralytics passes it)."""
+    seen = 0
+
+    def corrupt(module, args):
+        nonlocal seen
+        if isinstance(module, model_type) and module.training and torch.is_grad_enabled():
+            if seen == step:
+                images = args[0]["img"] if isinstance(args[0], dict) else args[0]
+                images[0, 1, images.shape[2] // 2, images.shape[3] // 2] = value
+            seen += 1
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(corrupt)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -1,0 +1,136 @@
+"""nanops for `ultralytics` models: stable attention and protected steps through its callbacks.
+
+    from ultralytics import YOLO
+    import nanops.ultralytics
+
+    model = YOLO("yolov8n-c3tr.yaml")
+    nanops.ultralytics.protect(model)
+    model.train(data=..., epochs=...)
+
+Nothing of ultralytics is edited. When the trainer is set up, `protect`:
+  * switches every nn.MultiheadAttention of the trained model and of its EMA (C3TR,
+    TransformerBlock, RT-DETR's AIFI) to nanops' stable attention; patched modules pickle as
+    torch's, so last.pt/best.pt load with plain ultralytics;
+  * replaces the trainer's GradScaler by nanops.GradScaler (same settings and state): a step
+    with NaN/Inf grads is skipped with AMP on *and off*, and the BatchNorm statistics the
+    batch's forward moved are restored;
+  * guards the trainer's optimizer_step: fused unscale + check, nanops' overflow-free clip
+    (max_norm 10, as ultralytics), step or skip, and no EMA update after a skipped step;
+  * logs each skipped step (epoch, optimizer step, first non-finite module found by replaying
+    the batch's forward), writes `<save_dir>/nanops_skipped_steps.csv`, sums them up at the end.
+Ultralytics' own NaN recovery (reloading last.pt at the end of an epoch) then has nothing to do.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import patching
+from .clip import clip_grad_norm_
+from .ops import all_finite
+from .scaler import GradScaler
+from .skips import SkippedStep, SkipReport, first_nonfinite
+
+MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+class Protection:
+    """The nanops state of one ultralytics YOLO object's trainings."""
+
+    def __init__(self) -> None:
+        from ultralytics.utils import LOGGER
+
+        self.report = SkipReport(LOGGER)
+        self.scaler: GradScaler | None = None
+        self._trainer = None
+        self._last_images: torch.Tensor | None = None
+        self._pending_skip = False
+        self._hook = None
+
+    # --- ultralytics callbacks --------------------------------------------------------------
+    def on_pretrain_routine_end(self, trainer) -> None:
+        model = _unwrap(trainer.model)
+        patching.patch(model)
+        if trainer.ema is not None:
+            patching.patch(trainer.ema.ema)
+        old = trainer.scaler
+        scaler = GradScaler("cuda", enabled=old.is_enabled())
+        if old.is_enabled():
+            scaler.load_state_dict(old.state_dict())  # a resumed run's scale carries over
+        scaler.protect(model)
+        scaler.on_skip(self._mark_skip)
+        trainer.scaler = self.scaler = scaler
+        trainer.optimizer_step = lambda: self._optimizer_step(trainer)  # this trainer object only
+        trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
+        self._trainer = trainer
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._remember_images)
+
+    def on_train_batch_end(self, trainer) -> None:
+        if not self._pending_skip:
+            return
+        self._pending_skip = False
+        where = (first_nonfinite(_unwrap(trainer.model), self._last_images, autocast=self.scaler.is_enabled())
+                 if self._last_images is not None else "unknown")
+        self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, where), trainer.save_dir)
+
+    def on_train_end(self, trainer) -> None:
+        self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0)
+        self._release()
+
+    def teardown(self, trainer) -> None:
+        self._release()
+
+    # --- the guarded step ---------------------------------------------------------------------
+    def _optimizer_step(self, trainer) -> None:
+        scaler, optimizer = trainer.scaler, trainer.optimizer
+        scaler.unscale_(optimizer)
+        clip_grad_norm_(trainer.model.parameters(), max_norm=MAX_NORM)  # leaves non-finite grads untouched
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        if trainer.ema and not scaler.last_step_skipped:
+            trainer.ema.update(trainer.model)
+
+    def _nan_recovery(self, trainer, original):
+        """Ultralytics reloads last.pt when the epoch's last loss is NaN: not needed when that NaN
+        came from a batch whose step nanops skipped and the model and its EMA are finite."""
+        def handle(epoch):
+            skipped_now = any(s.epoch == epoch for s in self.report.steps)
+            states = [_unwrap(trainer.model).state_dict(), trainer.ema.ema.state_dict() if trainer.ema else {}]
+            tensors = [t for state in states for t in state.values() if t.is_floating_point()]
+            if skipped_now and bool(all_finite(tensors)):
+                return False
+            return original(epoch)
+        return handle
+
+    def _mark_skip(self) -> None:
+        self._pending_skip = True
+
+    def _remember_images(self, module, args) -> None:
+        # The trained model's forward gets the batch dict (or the image tensor); keep a reference
+        # to the images of the latest training forward for a replay, no copy.
+        if self._trainer is None or module is not _unwrap(self._trainer.model) or not module.training:
+            return
+        x = args[0] if args else None
+        images = x.get("img") if isinstance(x, dict) else x
+        if isinstance(images, torch.Tensor):
+            self._last_images = images
+
+    def _release(self) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        self._trainer = None
+        self._last_images = None
+
+
+def protect(model) -> Protection:
+    """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
+    returns the Protection, whose `report.steps` lists the skipped steps."""
+    protection = Protection()
+    for event in ("on_pretrain_routine_end", "on_train_batch_end", "on_train_end", "teardown"):
+        model.add_callback(event, getattr(protection, event))
+    return protection
