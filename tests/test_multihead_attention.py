@@ -140,3 +140,14 @@ def test_gradcheck_float64():
     q = torch.randn(3, 2, E, dtype=torch.double, requires_grad=True)
     mask = torch.tensor([[False, False, True], [False, True, True], [True, True, True]])
     assert torch.autograd.gradcheck(lambda t: ours(t, t, t, attn_mask=mask)[0], (q,))
+
+
+def test_patch_reaches_ultralytics_aifi_batch_first():
+    from ultralytics.nn.modules.transformer import AIFI
+
+    torch.manual_seed(0)
+    layer = AIFI(32, cm=64, num_heads=4, dropout=0.0).eval()
+    x = torch.randn(2, 32, 5, 6)
+    expected = layer(x)
+    assert nanops.patch(layer) == 1 and layer.ma.batch_first
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
