@@ -20,21 +20,52 @@ from collections.abc import Iterable
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .ops import _tensor_list, check_device
+from .ops import _tensor_list, all_finite, check_device
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
 
 
+def _as_float(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)) or (
+            isinstance(value, torch.Tensor) and value.numel() != 1):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
 def _check_norm_type(norm_type: float) -> float:
-    p = float(norm_type)
+    p = _as_float(norm_type, "norm_type")
     if math.isnan(p) or p < 0:
         raise ValueError(f"norm_type must be >= 0 or inf, got {norm_type!r}")
     return p
 
 
+def _check_max_norm(max_norm: float) -> float:
+    value = _as_float(max_norm, "max_norm")
+    if math.isnan(value) or value < 0:
+        # torch would multiply the grads by a negative or NaN coefficient.
+        raise ValueError(f"max_norm must be >= 0 (inf allowed), got {max_norm!r}")
+    return value
+
+
+def _check_state_tensor(t: torch.Tensor | None, name: str, device: torch.device) -> None:
+    """inv_scale / found_inf: tensors on the grads' (first) device."""
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a one-element tensor on the grads' device (as GradScaler keeps it), "
+                        f"got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the gradients are on {device}")
+    # Shape and dtype are checked by the kernels themselves.
+
+
 def _norm_dtype(grads: list[torch.Tensor]) -> torch.dtype:
-    # A float16/bfloat16 norm would overflow where float32 does not.
+    # The promotion of every grad's dtype (as torch stacks the per-group norms), whatever their
+    # order; a float16/bfloat16 norm would overflow where float32 does not.
     dtype = grads[0].dtype
+    for g in grads[1:]:
+        if g.dtype != dtype:
+            dtype = torch.promote_types(dtype, g.dtype)
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -114,18 +145,48 @@ def _total_norm_and_coef(
     """The grads grouped by device, their total norm and the clip coefficient (both on device).
     The norm is read on the host only for error_if_nonfinite."""
     p = _check_norm_type(norm_type)
+    max_norm = _check_max_norm(max_norm)
     groups = _group_grads(grads)
     home = next(iter(groups))
-    summaries = _summaries(groups, p, inv_scale, process_group)
-    total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
-        summaries, p, float(max_norm), _on(inv_scale, home), found_inf, _norm_dtype(grads)
-    )
+    _check_state_tensor(inv_scale, "inv_scale", home)
+    _check_state_tensor(found_inf, "found_inf", home)
+    if process_group is not None and not _is_process_group(process_group):
+        raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}")
+    if p == 0 and process_group is None:
+        total_norm, coef = _zero_norm_and_coef(grads, groups, max_norm, inv_scale, found_inf)
+    else:
+        summaries = _summaries(groups, p, inv_scale, process_group)
+        total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
+            summaries, p, max_norm, inv_scale, found_inf, _norm_dtype(grads)
+        )
     if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
         raise RuntimeError(
-            f"The total norm of order {norm_type} for gradients from `parameters` is non-finite, so it cannot be "
+            f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. The gradients were left unchanged. To skip the error, set `error_if_nonfinite=False`."
         )
     return groups, total_norm, coef
+
+
+def _is_process_group(group) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and isinstance(group, dist.ProcessGroup)
+
+
+def _zero_norm_and_coef(grads, groups, max_norm, inv_scale, found_inf):
+    """norm_type=0 as torch counts it: the number of tensors holding a non-zero (NaN counts as
+    non-zero), not the non-zeros of all tensors. Rare, so plain torch ops on the device."""
+    home = next(iter(groups))
+    counts = torch.stack([n.to(home) for gs in groups.values() for n in torch._foreach_norm(gs, 0)])
+    total = torch.linalg.vector_norm(counts.double(), 0)
+    nonfinite = torch.stack([~all_finite(gs).to(home) for gs in groups.values()]).any()
+    if found_inf is not None:
+        found_inf.copy_(torch.where(nonfinite, torch.ones_like(found_inf), found_inf))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    if inv_scale is not None:
+        coef = coef * inv_scale.double()
+    coef = torch.where(nonfinite, torch.ones_like(coef), coef)
+    return total.to(_norm_dtype(grads)), coef
 
 
 def clip_grad_norm_(
@@ -181,9 +242,16 @@ def get_total_norm(
     Returns:
         0-dim tensor, float32 for 16-bit inputs, else the inputs' dtype.
     """
-    tensor_list = _tensor_list(tensors)
+    tensor_list = _tensor_list(tensors, "tensors")
     if not tensor_list:
         return torch.tensor(0.0)
+    if torch.is_grad_enabled():
+        needs = next((i for i, t in enumerate(tensor_list) if t.requires_grad), None)
+        if needs is not None:
+            # torch's get_total_norm would be differentiable here; ours is not, so say so.
+            raise ValueError(f"get_total_norm: tensors[{needs}] requires grad, but nanops' norm has no gradient; "
+                             "pass detached tensors (e.g. the .grad of parameters) or use "
+                             "torch.nn.utils.get_total_norm")
     _, total_norm, _ = _total_norm_and_coef(tensor_list, norm_type, math.inf, error_if_nonfinite)
     return total_norm
 
@@ -199,11 +267,18 @@ def clip_grads_with_norm_(
     As torch.nn.utils.clip_grads_with_norm_, except that a non-finite ``total_norm`` leaves the
     grads unchanged instead of turning them into NaN or 0.
     """
+    max_norm = _check_max_norm(max_norm)
+    if not isinstance(total_norm, torch.Tensor) or total_norm.numel() != 1:
+        raise TypeError("clip_grads_with_norm_: total_norm must be the one-element tensor get_total_norm returns, "
+                        f"got {type(total_norm).__name__}"
+                        + (f" of shape {tuple(total_norm.shape)}" if isinstance(total_norm, torch.Tensor) else ""))
+    if total_norm.device.type == "meta":
+        raise ValueError("clip_grads_with_norm_: total_norm is on the meta device and holds no value")
     grads = _grad_list(parameters)
     if not grads:
         return
     for dev, gs in _group_grads(grads).items():
-        norm = total_norm.to(dev, dtype=torch.float64, non_blocking=True)
+        norm = total_norm.reshape(()).to(dev, dtype=torch.float64, non_blocking=True)
         coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
         coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
         torch.ops.nanops.scale_tensors_.default(gs, coef)

@@ -55,10 +55,18 @@ def guarded_step(
         max_norm: clip threshold (yolov5 uses 10.0).
         parameters: the parameters to clip (default: all of the optimizer's).
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"guarded_step: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+        raise TypeError(f"guarded_step: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
+    amp = scaler is not None and scaler.is_enabled()
+    if amp and scaler._scale is None:
+        # Checked before anything changes: torch's unscale_ raises the same after nothing happened.
+        raise RuntimeError("guarded_step: the scaler's scale is None. This may indicate your script did not use "
+                           "scaler.scale(loss or outputs) earlier in the iteration.")
     params = list(parameters) if parameters is not None else _optimizer_params(optimizer)
     device = _grad_device(params)
     found_inf = torch.zeros(1, device=device)
-    amp = scaler is not None and scaler.is_enabled()
     inv_scale = scaler._scale.double().reciprocal().float() if amp and scaler._scale is not None else None
     total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
     skipped = bool(found_inf.item())  # the one host sync of the step

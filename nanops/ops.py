@@ -14,11 +14,26 @@ from ._loader import check_device
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor | None]
 
 
-def _tensor_list(tensors: TensorOrTensors) -> list[torch.Tensor]:
-    """A single tensor or any iterable (generators included) as a list, None entries dropped."""
+def _tensor_list(tensors: TensorOrTensors, name: str = "tensors") -> list[torch.Tensor]:
+    """A single tensor or any iterable (generators included) as a list, None entries dropped;
+    anything else (numbers, numpy arrays) is a TypeError naming the argument."""
     if isinstance(tensors, torch.Tensor):
         return [tensors]
-    return [t for t in tensors if t is not None]
+    if hasattr(tensors, "__array__"):  # numpy arrays iterate into numpy scalars: name the real type
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__module__}."
+                        f"{type(tensors).__name__} (convert with torch.as_tensor)")
+    try:
+        items = list(tensors)
+    except TypeError:
+        raise TypeError(f"{name} must be a tensor or an iterable of tensors, got {type(tensors).__name__}") from None
+    out = []
+    for i, t in enumerate(items):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        out.append(t)
+    return out
 
 
 def _check_list(tensors: list[torch.Tensor], what: str) -> torch.device:
@@ -52,7 +67,7 @@ def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
         int64 tensor of shape (len(tensors), 3) on the tensors' device: columns are the counts of
         NaN, +Inf and -Inf. Nothing is copied to the host.
     """
-    tensor_list = _tensor_list(tensors)
+    tensor_list = _tensor_list(tensors, "nonfinite_counts: tensors")
     if not tensor_list:
         return torch.zeros(0, 3, dtype=torch.long)
     _check_list(tensor_list, "nonfinite_counts")
@@ -73,6 +88,13 @@ def _nonfinite_counts_fake(tensors):
     torch._check(len(tensors) > 0, lambda: "nonfinite_counts: empty list")
     _fake_check_one_device(tensors, "nonfinite_counts")
     return tensors[0].new_empty((len(tensors), 3), dtype=torch.long)
+
+
+def _fake_check_device(t, what: str, name: str, device: torch.device) -> None:
+    # Runs whenever one argument is a meta (or fake) tensor: a meta mask or found_inf beside real
+    # data would otherwise reach this kernel and give uninitialised results instead of an error.
+    if t is not None:
+        torch._check(t.device == device, lambda: f"{what}: {name} is on {t.device} but the data is on {device}")
 
 
 def _fake_check_one_device(tensors, what: str) -> None:
@@ -113,6 +135,16 @@ def stable_softmax(
         * a NaN in a row's logits still makes that row NaN: broken inputs are not hidden.
         The backward uses the usual formula on the returned probabilities, scale included.
     """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"stable_softmax: x must be a torch.Tensor, got {type(x).__name__}")
+    if isinstance(scale, torch.Tensor) and scale.requires_grad:
+        raise ValueError("stable_softmax: scale is a tensor that requires grad, but scale is a constant of the op "
+                         "(its gradient would be dropped); fold a learned scale into x instead")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"stable_softmax: mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        if mask.device != x.device:
+            raise ValueError(f"stable_softmax: mask is on {mask.device} but x is on {x.device}")
     if _exporting():
         return _stable_softmax_composite(x, dim, float(scale), mask)
     check_device(x.device, "stable_softmax")
@@ -146,12 +178,14 @@ def _stable_softmax_fake(x, dim, scale, mask):
     torch._check(x.dim() >= 1, lambda: "stable_softmax: x must have at least one dimension")
     if mask is not None:
         torch._check(mask.dim() <= x.dim(), lambda: "stable_softmax: mask has more dims than x")
+        _fake_check_device(mask, "stable_softmax", "mask", x.device)
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.register_fake("nanops::stable_softmax_backward")
 def _stable_softmax_backward_fake(grad_y, y, dim, scale):
     torch._check(grad_y.shape == y.shape, lambda: "stable_softmax_backward: grad_y and y shapes differ")
+    _fake_check_device(grad_y, "stable_softmax_backward", "grad_y", y.device)
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
@@ -218,15 +252,20 @@ SUMMARY_FIELDS = 5
 def _grad_norm_summary_fake(tensors, norm_type, inv_scale):
     torch._check(len(tensors) > 0, lambda: "grad_norm_summary: empty list")
     _fake_check_one_device(tensors, "grad_norm_summary")
+    _fake_check_device(inv_scale, "grad_norm_summary", "inv_scale", tensors[0].device)
     return tensors[0].new_empty((SUMMARY_FIELDS,), dtype=torch.float64)
 
 
 @torch.library.register_fake("nanops::clip_coef_from_summaries")
 def _clip_coef_fake(summaries, norm_type, max_norm, inv_scale, found_inf, norm_dtype):
     torch._check(summaries.dim() == 2, lambda: "clip_coef_from_summaries: summaries must be 2-D")
+    _fake_check_device(inv_scale, "clip_coef_from_summaries", "inv_scale", summaries.device)
+    _fake_check_device(found_inf, "clip_coef_from_summaries", "found_inf", summaries.device)
     return summaries.new_empty((), dtype=norm_dtype), summaries.new_empty((), dtype=torch.float64)
 
 
 @torch.library.register_fake("nanops::scale_tensors_")
 def _scale_tensors_fake(tensors, coef):
+    if tensors:
+        _fake_check_device(coef, "scale_tensors_", "coef", tensors[0].device)
     return None

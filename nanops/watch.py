@@ -11,10 +11,16 @@ exactly as an unwatched one.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
+
+# Pending per-module counts kept on the device before they are read (about 100 steps of a
+# 200-module model); past that they are folded with one host sync.
+MAX_PENDING_RECORDS = 40_000
 
 
 @dataclass
@@ -33,13 +39,16 @@ class Finding:
 
 
 def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value] if value.dtype.is_floating_point else []
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+    """Floating tensors anywhere in a module output: any pytree torch can flatten (lists, tuples,
+    dicts, namedtuples, registered classes) and dataclasses."""
+    out = []
+    for leaf in pytree.tree_leaves(value):
+        if isinstance(leaf, torch.Tensor):
+            if leaf.dtype.is_floating_point:
+                out.append(leaf)
+        elif dataclasses.is_dataclass(leaf) and not isinstance(leaf, type):
+            out.extend(_tensors([getattr(leaf, f.name) for f in dataclasses.fields(leaf)]))
+    return out
 
 
 class Watch:
@@ -51,10 +60,13 @@ class Watch:
     """
 
     def __init__(self, model: nn.Module, *, backward: bool = True):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"watch: model must be a torch.nn.Module, got {type(model).__name__}")
         self.step = 0
         self.first: Finding | None = None
         self._backward = backward
         self._records: list[tuple[str, str, torch.Tensor]] = []
+        self._pending: Finding | None = None  # the first finding of records folded before check()
         # The outputs of the module that finished last: a container returning its last child's
         # tensors (Sequential, C3, ...) is neither scanned nor hooked a second time.
         self._last_outputs: list[torch.Tensor] = []
@@ -66,6 +78,29 @@ class Watch:
         if tensors:
             counts = torch.ops.nanops.nonfinite_counts.default([t.detach() for t in tensors])
             self._records.append((name, phase, counts))  # (len(tensors), 3), summed at check()
+            if len(self._records) >= MAX_PENDING_RECORDS:
+                self._fold()
+
+    def _fold(self) -> None:
+        """Reads the pending records (one host sync) when check() is not called for a long time,
+        keeping only the first non-finite one: memory stays bounded."""
+        finding = self._first_bad()
+        if finding is not None and self._pending is None:
+            self._pending = finding
+        self._records.clear()
+
+    def _first_bad(self) -> Finding | None:
+        if not self._records:
+            return None
+        flat = torch.cat([c for _, _, c in self._records]).cpu()  # the one host sync
+        sizes = [c.shape[0] for _, _, c in self._records]
+        counts = torch.stack([part.sum(0) for part in flat.split(sizes)])
+        bad = (counts.sum(1) > 0).nonzero()
+        if not len(bad):
+            return None
+        i = int(bad[0])
+        name, phase, _ = self._records[i]
+        return Finding(name, phase, self.step, *(int(v) for v in counts[i]))
 
     def _forward_hook(self, module, inputs, output) -> None:
         name = self._names.get(id(module))
@@ -83,18 +118,10 @@ class Watch:
 
     def check(self) -> Finding | None:
         """The first non-finite record since the last check (one host sync), then a new step."""
-        finding = None
-        if self._records:
-            flat = torch.cat([c for _, _, c in self._records]).cpu()  # the one host sync
-            sizes = [c.shape[0] for _, _, c in self._records]
-            counts = torch.stack([part.sum(0) for part in flat.split(sizes)])
-            bad = (counts.sum(1) > 0).nonzero()
-            if len(bad):
-                i = int(bad[0])
-                name, phase, _ = self._records[i]
-                finding = Finding(name, phase, self.step, *(int(v) for v in counts[i]))
-                if self.first is None:
-                    self.first = finding
+        finding = self._pending if self._pending is not None else self._first_bad()
+        if finding is not None and self.first is None:
+            self.first = finding
+        self._pending = None
         self._records.clear()
         self._last_outputs = []
         self.step += 1

@@ -107,3 +107,40 @@ def test_locate_forward_names_the_module_and_changes_nothing():
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())  # BatchNorm stats included
     assert torch.equal(torch.get_rng_state(), rng)
     assert nanops.locate_forward(model_with(None, 0), torch.randn(3, 4)) is None
+
+
+def test_nan_inside_a_dataclass_output_is_found():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Out:
+        boxes: torch.Tensor
+        scores: torch.Tensor
+
+    class Head(torch.nn.Module):
+        def forward(self, x):
+            return Out(boxes=x, scores=x * float("nan"))
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), Head())
+    with nanops.watch(model, backward=False) as w:
+        model(torch.randn(2, 4))
+        finding = w.check()
+    assert finding.module == "1" and finding.nan == 8
+
+
+def test_records_stay_bounded_without_check(monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys.modules["nanops.watch"], "MAX_PENDING_RECORDS", 10)  # nanops.watch is the function
+    model = model_with("forward", 3)
+    with nanops.watch(model, backward=False) as w:
+        for _ in range(20):
+            model(torch.randn(2, 4))
+            assert len(w._records) < 10
+        finding = w.check()
+    assert finding.module == "3" and finding.phase == "forward"
+
+
+def test_watch_rejects_a_non_module():
+    with pytest.raises(TypeError, match="watch: model must be a torch.nn.Module"):
+        nanops.watch(None)
