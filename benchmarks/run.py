@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip)")
     args = parser.parse_args(argv)
     only = set(args.only.split(",")) if args.only else None
+    known = discover(None)
+    if only is not None and (unknown := sorted(only - set(known))):
+        parser.error(f"--only: no benchmark named {', '.join(unknown)} (there are: {', '.join(known)})")
     device = bench_device()
     rows = []
     for name in discover(only):

@@ -46,6 +46,12 @@ def _cmd_demo(args) -> int:
 
 def _cmd_check(args) -> int:
     """One forward/backward of yolov5s-transformer with watch on: reports grads and the first non-finite module."""
+    if args.batch < 1:
+        print(f"nanops check: --batch must be >= 1, got {args.batch}", file=sys.stderr)
+        return 2
+    if args.img < 32 or args.img % 32:
+        print(f"nanops check: --img must be a multiple of 32 (yolov5's stride), got {args.img}", file=sys.stderr)
+        return 2
     import torch
 
     import nanops
@@ -75,7 +81,8 @@ def _cmd_check(args) -> int:
 
 def _cmd_doctor(args) -> int:
     """Label and hyperparameter checks; exit 1 when anything is wrong, 2 when the input is unreadable."""
-    from .doctor import DoctorError, check_hyp, check_labels, find_label_files, load_hyp, write_fixed_copies
+    from .doctor import (DoctorError, check_fix_target, check_hyp, check_labels, find_label_files, load_hyp,
+                         write_fixed_copies)
 
     if args.data is None and args.hyp is None:
         print("nanops doctor: give DATA (a yolov5 data yaml or a labels folder) and/or --hyp", file=sys.stderr)
@@ -84,6 +91,8 @@ def _cmd_doctor(args) -> int:
     try:
         if args.data is not None:
             files, nc = find_label_files(Path(args.data))
+            if args.fix_to and files:
+                check_fix_target(files, Path(args.fix_to))  # refused before anything is read or written
             report = check_labels(files, nc)
             for problem in report.problems[: args.max_report]:
                 print(problem)
@@ -93,8 +102,9 @@ def _cmd_doctor(args) -> int:
                   + (f" (nc={nc})" if nc is not None else ""))
             wrong += len(report.problems)
             if args.fix_to:
-                dropped = write_fixed_copies(files, report, Path(args.fix_to))
-                print(f"cleaned copies written to {args.fix_to} ({dropped} row(s) dropped; originals untouched)")
+                dropped, not_copied = write_fixed_copies(files, report, Path(args.fix_to))
+                print(f"cleaned copies written to {args.fix_to} ({dropped} row(s) dropped; originals untouched)"
+                      + (f"; {not_copied} unreadable file(s) not copied" if not_copied else ""))
         if args.hyp is not None:
             warnings = check_hyp(load_hyp(Path(args.hyp)), args.optimizer)
             for w in warnings:

@@ -8,8 +8,10 @@ Hyperparameters: lr0/optimizer combinations known to diverge (Adam/AdamW with SG
 """
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,14 +75,27 @@ def find_label_files(data: Path) -> tuple[list[Path], int | None]:
         cfg = yaml.safe_load(data.read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise DoctorError(f"{data}: cannot read the data yaml: {err}") from err
+    if not isinstance(cfg, dict):
+        raise DoctorError(f"{data}: not a yolov5 data yaml (expected a mapping)")
+    try:
+        return _label_files_of(data, cfg)
+    except (TypeError, ValueError, AttributeError) as err:
+        raise DoctorError(f"{data}: malformed data yaml: {err}") from err
+
+
+def _label_files_of(data: Path, cfg: dict) -> tuple[list[Path], int | None]:
     root = Path(cfg.get("path") or ".")
     if not root.is_absolute():
         root = data.parent / root
     names = cfg.get("names")
     nc = cfg.get("nc", len(names) if names is not None else None)
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
+        raise ValueError(f"nc must be a positive integer, got {nc!r}")
     files: dict[Path, None] = {}
     for split in ("train", "val", "test"):
         entries = cfg.get(split)
+        if entries is not None and not isinstance(entries, (str, list)):
+            raise ValueError(f"{split} must be a path or a list of paths, got {entries!r}")
         for entry in [entries] if isinstance(entries, str) else entries or []:
             for f in _split_label_files(root, entry):
                 files[f.resolve()] = None
@@ -127,6 +142,10 @@ def check_labels(files: list[Path], nc: int | None = None) -> LabelReport:
     where: list[tuple[int, int]] = []  # (file index, line number) of each 5-column row
     for fi, path in enumerate(files):
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                # a FIFO would block, a link to /dev/zero never ends: only regular files are read
+                problems.append(Problem(path, 0, "not a regular file (FIFO, device or socket); not read"))
+                continue
             text = path.read_text()
         except (OSError, UnicodeDecodeError) as err:
             problems.append(Problem(path, 0, f"cannot read the label file: {err}"))
@@ -193,28 +212,43 @@ def check_labels(files: list[Path], nc: int | None = None) -> LabelReport:
     return LabelReport(files=len(files), rows=len(rows), problems=problems, bad_rows=bad_rows)
 
 
-def write_fixed_copies(files: list[Path], report: LabelReport, out_dir: Path) -> int:
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_fix_target(files: list[Path], out_dir: Path) -> Path:
+    """The labels' common folder; a DoctorError when out_dir lies inside it or contains it (a copy
+    could then land on an original, or the next run would read the copies as labels)."""
+    base = Path(os.path.commonpath([str(f.resolve().parent) for f in files]))
+    target = out_dir.resolve()
+    if _overlaps(target, base):
+        raise DoctorError(f"--fix-to {out_dir} overlaps the label folder {base}; choose a folder outside it "
+                          "(nothing was written)")
+    return base
+
+
+def write_fixed_copies(files: list[Path], report: LabelReport, out_dir: Path) -> tuple[int, int]:
     """Copies every label file under out_dir (same relative layout), bad rows dropped. Originals
-    are never touched; returns how many rows were dropped."""
+    are never touched (an out_dir overlapping them is refused before anything is written).
+    Returns (rows dropped, files not copied because they could not be read)."""
     if not files:
-        return 0
-    base = Path(os.path.commonpath([str(f.parent) for f in files]))
-    dropped = 0
+        return 0, 0
+    base = check_fix_target(files, out_dir)
+    dropped = not_copied = 0
     for f in files:
-        target = out_dir / f.relative_to(base)
-        if target.resolve() == f.resolve():
-            raise DoctorError(f"--fix-to {out_dir} would overwrite {f}; choose another folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target = out_dir / f.resolve().relative_to(base)
         bad = report.bad_rows.get(f)
+        if bad and 0 in bad:  # unreadable or not a regular file: reported, and counted here
+            not_copied += 1
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
         if not bad:
             shutil.copyfile(f, target)
-            continue
-        if 0 in bad:  # unreadable: nothing to copy
             continue
         kept = [line for ln, line in enumerate(f.read_text().splitlines(), start=1) if ln not in bad]
         dropped += sum(1 for ln in bad if ln > 0)
         target.write_text("\n".join(kept) + ("\n" if kept else ""))
-    return dropped
+    return dropped, not_copied
 
 
 # --------------------------------------------------------------------------------------------
@@ -225,10 +259,14 @@ def check_hyp(hyp: dict, optimizer: str = "SGD") -> list[str]:
     """Warnings for yolov5 hyperparameters known to drive training into NaN, each with its reason."""
     if "lr0" not in hyp:
         raise DoctorError("the hyp file has no lr0")
-    lr0 = float(hyp["lr0"])
-    momentum = float(hyp.get("momentum", 0.937))
-    warmup_bias_lr = float(hyp.get("warmup_bias_lr", 0.1))
-    warnings: list[str] = []
+    lr0 = _hyp_number(hyp, "lr0", None)
+    momentum = _hyp_number(hyp, "momentum", 0.937)
+    warmup_bias_lr = _hyp_number(hyp, "warmup_bias_lr", 0.1)
+    weight_decay = _hyp_number(hyp, "weight_decay", 0.0)
+    warnings: list[str] = [f"{name}={value:g}: not a finite number; training with it gives NaN at once"
+                           for name, value in (("lr0", lr0), ("momentum", momentum),
+                                               ("warmup_bias_lr", warmup_bias_lr), ("weight_decay", weight_decay))
+                           if not math.isfinite(value)]
     adaptive = optimizer in ("Adam", "AdamW", "RMSProp")
     if adaptive and lr0 > 3e-3:
         warnings.append(
@@ -244,9 +282,16 @@ def check_hyp(hyp: dict, optimizer: str = "SGD") -> list[str]:
     if not 0 <= momentum < 1:
         warnings.append(f"momentum={momentum:g}: must lie in [0, 1) ({'beta1 of ' + optimizer if adaptive else 'SGD'}"
                         f" diverges otherwise)")
-    if float(hyp.get("weight_decay", 0.0)) > 0.01:
-        warnings.append(f"weight_decay={float(hyp['weight_decay']):g}: 20x yolov5's 0.0005 or more; weights collapse")
+    if weight_decay > 0.01:
+        warnings.append(f"weight_decay={weight_decay:g}: 20x yolov5's 0.0005 or more; weights collapse")
     return warnings
+
+
+def _hyp_number(hyp: dict, name: str, default: float | None) -> float:
+    value = hyp.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DoctorError(f"the hyp file's {name} must be a number, got {value!r}")
+    return float(value)
 
 
 def load_hyp(path: Path) -> dict:

@@ -42,3 +42,18 @@ def test_check_command_reports_clean_and_injected(capsys):
     assert main(["check", "--img", "64", "--batch", "1", "--inject-nan"]) == 1
     out = capsys.readouterr().out
     assert "model.0.conv" in out and "forward" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["check", "--batch", "0"], "--batch must be >= 1"),
+    (["check", "--img", "7"], "--img must be a multiple of 32"),
+])
+def test_check_bad_arguments_exit_2_and_never_report_all_finite(argv, message, capsys):
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and "all finite" not in captured.out
+
+
+def test_bench_only_unknown_name_fails(capsys):
+    assert main(["bench", "--only", "nosuch"]) == 2
+    assert "no benchmark named nosuch" in capsys.readouterr().err

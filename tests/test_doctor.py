@@ -136,3 +136,66 @@ def test_hyp_command_with_yolov5_default_and_adam(tmp_path, capsys):
     assert main(["doctor", "--hyp", str(hyp)]) == 0
     assert main(["doctor", "--hyp", str(hyp), "--optimizer", "Adam"]) == 1
     assert "use lr0=0.001" in capsys.readouterr().out
+
+
+def test_fix_to_inside_the_labels_is_refused_before_anything_is_written(tmp_path, capsys):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5 0.2 0.2\n")
+    sub = labels / "sub"
+    sub.mkdir()
+    (sub / "a.txt").write_text("1 0.1 0.1 0.1 0.1\n")  # an original that a copy of labels/a.txt would overwrite
+    before = {p: p.read_bytes() for p in labels.rglob("*")if p.is_file()}
+    assert main(["doctor", str(labels), "--fix-to", str(sub)]) == 2
+    assert "overlaps the label folder" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in labels.rglob("*") if p.is_file()} == before
+    assert main(["doctor", str(sub), "--fix-to", str(labels)]) == 2  # the other way round too
+
+
+def test_fifo_and_device_links_are_not_read(tmp_path, capsys):
+    import os
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "ok.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    os.mkfifo(labels / "pipe.txt")  # reading it would block forever
+    (labels / "zero.txt").symlink_to("/dev/zero")  # reading it would never end
+    report = check_labels(*find_label_files(labels))
+    messages = sorted((p.file.name, p.message) for p in report.problems)
+    assert [name for name, _ in messages] == ["pipe.txt", "zero.txt"]
+    assert all("not a regular file" in m for _, m in messages)
+
+
+def test_unreadable_files_are_counted_in_fix_to(tmp_path, capsys):
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "ok.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (labels / "binary.txt").write_bytes(b"\xff\xfe\x00garbage")
+    assert main(["doctor", str(labels), "--fix-to", str(tmp_path / "fixed")]) == 1
+    out = capsys.readouterr().out
+    assert "cannot read the label file" in out and "1 unreadable file(s) not copied" in out
+    assert (tmp_path / "fixed" / "ok.txt").exists() and not (tmp_path / "fixed" / "binary.txt").exists()
+
+
+@pytest.mark.parametrize("hyp_text, code, message", [
+    ("lr0: .nan\n", 1, "lr0=nan: not a finite number"),
+    ("lr0: fast\n", 2, "lr0 must be a number"),
+    ("lr0: 0.01\nmomentum: [1]\n", 2, "momentum must be a number"),
+])
+def test_hyp_non_finite_and_malformed_values(tmp_path, capsys, hyp_text, code, message):
+    hyp = tmp_path / "hyp.yaml"
+    hyp.write_text(hyp_text)
+    assert main(["doctor", "--hyp", str(hyp)]) == code
+    captured = capsys.readouterr()
+    assert message in captured.out + captured.err
+    if code == 2:
+        assert captured.err.count("\n") == 1
+
+
+@pytest.mark.parametrize("yaml_text", ["train: 5\n", "- a\n- b\n", "nc: three\ntrain: images\n"])
+def test_malformed_data_yaml_exits_2_with_one_line(tmp_path, capsys, yaml_text):
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml_text)
+    assert main(["doctor", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nanops doctor:") and err.count("\n") == 1
