@@ -159,12 +159,17 @@ def _total_norm_and_coef(
         total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
             summaries, p, max_norm, inv_scale, found_inf, _norm_dtype(grads)
         )
+    _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
+    return groups, total_norm, coef
+
+
+def _raise_if_nonfinite(total_norm: torch.Tensor, p: float, error_if_nonfinite: bool) -> None:
+    """torch's error_if_nonfinite (its message, the order as a float): the one host read of the norm."""
     if error_if_nonfinite and not bool(torch.isfinite(total_norm)):
         raise RuntimeError(
             f"The total norm of order {p} for gradients from `parameters` is non-finite, so it cannot be "
             "clipped. The gradients were left unchanged. To skip the error, set `error_if_nonfinite=False`."
         )
-    return groups, total_norm, coef
 
 
 def _is_process_group(group) -> bool:
@@ -220,6 +225,8 @@ def clip_grad_norm_(
     grads = _grad_list(parameters)
     if not grads:
         return torch.tensor(0.0)
+    if any(g.layout != torch.strided for g in grads):
+        return _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group)
     groups, total_norm, coef = _total_norm_and_coef(
         grads, norm_type, max_norm, error_if_nonfinite,
         inv_scale=inv_scale, found_inf=found_inf, process_group=process_group,
@@ -227,6 +234,55 @@ def clip_grad_norm_(
     for dev, gs in groups.items():
         torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
     return total_norm
+
+
+def _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group):
+    """clip_grad_norm_ over a list holding sparse grads (e.g. nn.Embedding(sparse=True))."""
+    total_norm, coef = _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale,
+                                                        found_inf, process_group)
+    dense = [g for g in grads if g.layout == torch.strided]
+    for g in grads:
+        if g.layout != torch.strided:
+            g.mul_(coef.to(g.dtype))
+    for dev, gs in _group_grads(dense).items() if dense else ():
+        torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
+    return total_norm
+
+
+def _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale=None,
+                                     found_inf=None, process_group=None):
+    """The dense grads through the fused kernels, each sparse grad's norm by torch over its
+    coalesced values, combined in float64 on the device; same semantics as the dense path
+    (a non-finite norm gives coef 1 and sets found_inf)."""
+    if process_group is not None:
+        raise ValueError("clip_grad_norm_: sparse gradients cannot be combined over a process_group")
+    p = _check_norm_type(norm_type)
+    max_norm = _check_max_norm(max_norm)
+    dense = [g for g in grads if g.layout == torch.strided]
+    sparse = [g.coalesce() if g.layout == torch.sparse_coo else g for g in grads if g.layout != torch.strided]
+    home = grads[0].device
+    _check_state_tensor(inv_scale, "inv_scale", home)
+    _check_state_tensor(found_inf, "found_inf", home)
+    scale = inv_scale.double().reshape(()) if inv_scale is not None else None
+    values = [g.values().double() * (scale if scale is not None else 1.0) for g in sparse]
+    norms = [torch.linalg.vector_norm(v, p).to(home) for v in values]
+    if p == 0:  # torch's count of tensors holding a non-zero, as the dense part reports it
+        norms = [(n > 0).double() for n in norms]
+    nonfinite = torch.stack([~all_finite(v).to(home) for v in values]).any()
+    if dense:
+        _, dense_norm, _ = _total_norm_and_coef(dense, p, math.inf, False, inv_scale=inv_scale)
+        norms.append(dense_norm.double().to(home))
+        nonfinite = nonfinite | ~all_finite(dense).to(home)
+    stacked = torch.stack(norms)
+    total = stacked.sum() if p == 0 else torch.linalg.vector_norm(stacked, p)  # p=0: counts add up
+    nonfinite = nonfinite | ~torch.isfinite(total)
+    if found_inf is not None:
+        found_inf.copy_(torch.where(nonfinite, torch.ones_like(found_inf), found_inf))
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0) * (scale if scale is not None else 1.0)
+    coef = torch.where(nonfinite, torch.ones_like(coef), coef)
+    total_norm = total.to(_norm_dtype(grads))
+    _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
+    return total_norm, coef
 
 
 def get_total_norm(
@@ -252,7 +308,10 @@ def get_total_norm(
             raise ValueError(f"get_total_norm: tensors[{needs}] requires grad, but nanops' norm has no gradient; "
                              "pass detached tensors (e.g. the .grad of parameters) or use "
                              "torch.nn.utils.get_total_norm")
-    _, total_norm, _ = _total_norm_and_coef(tensor_list, norm_type, math.inf, error_if_nonfinite)
+    if any(t.layout != torch.strided for t in tensor_list):
+        total_norm, _ = _total_norm_and_coef_with_sparse(tensor_list, norm_type, math.inf, error_if_nonfinite)
+    else:
+        _, total_norm, _ = _total_norm_and_coef(tensor_list, norm_type, math.inf, error_if_nonfinite)
     return total_norm
 
 

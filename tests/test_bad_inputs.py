@@ -115,3 +115,33 @@ def test_guarded_step_with_an_unused_scaler_raises_before_changing_anything():
         nanops.guarded_step(optimizer, scaler)
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
     assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, math.inf, 0.0])
+def test_sparse_grads_are_clipped_as_torch_does(norm_type):
+    torch.manual_seed(0)
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    lin = torch.nn.Linear(3, 1)
+    lin(emb(torch.tensor([1, 2, 1, 7]))).sum().backward()
+    ours = list(emb.parameters()) + list(lin.parameters())
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for r, p in zip(ref, ours):
+        r.grad = p.grad.clone()
+    torch.testing.assert_close(nanops.get_total_norm([p.grad for p in ours], norm_type),
+                               torch.nn.utils.get_total_norm([p.grad for p in ref], norm_type))
+    total = nanops.clip_grad_norm_(ours, 0.1, norm_type)
+    torch.testing.assert_close(total, torch.nn.utils.clip_grad_norm_(ref, 0.1, norm_type))
+    for p, r in zip(ours, ref):
+        torch.testing.assert_close(p.grad.to_dense(), r.grad.to_dense())
+
+
+def test_nonfinite_sparse_grad_is_left_untouched_and_flagged():
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    emb(torch.tensor([1])).sum().backward()
+    with torch.no_grad():
+        emb.weight.grad._values().fill_(math.nan)  # in place, as a NaN backward leaves it
+    found_inf = torch.zeros(1)
+    before = emb.weight.grad.to_dense().clone()
+    assert not torch.isfinite(nanops.clip_grad_norm_(emb.parameters(), 0.1, found_inf=found_inf))
+    assert found_inf.item() == 1.0
+    torch.testing.assert_close(emb.weight.grad.to_dense(), before, equal_nan=True)
