@@ -104,6 +104,12 @@ NANOPS_HOST_DEVICE inline NormPartial combine_partials(const double* rows, int64
   return out;
 }
 
+// The norm as its dtype holds it: beyond that dtype's largest value (a float32 norm of 1e38-sized
+// grads) it is inf, and so non-finite below, instead of a conversion error or a silent clip.
+NANOPS_HOST_DEVICE inline double norm_in_dtype(double norm, double dtype_max) {
+  return norm > dtype_max ? INFINITY : norm;
+}
+
 // Whether the grads must be left as they are: they hold NaN/Inf, or their norm overflows.
 NANOPS_HOST_DEVICE inline bool summary_nonfinite(const NormPartial& s, double norm) {
   return s.has_nan != 0.0 || s.has_inf != 0.0 || !isfinite(norm);

@@ -165,7 +165,11 @@ def _stable_softmax_composite(x: torch.Tensor, dim: int, scale: float, mask: tor
     acc = torch.promote_types(x.dtype, torch.float32)
     z = x.to(acc) * scale
     if mask is not None:
-        z = z.masked_fill(~mask, -math.inf) if mask.dtype == torch.bool else z + mask.to(acc)
+        if mask.dtype == torch.bool:
+            z = z.masked_fill(~mask, -math.inf)
+        else:
+            add = mask.to(acc)
+            z = torch.where(add == -math.inf, add, z + add)  # -inf masks, even a +inf or NaN logit
     row_max = z.amax(dim, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(z - row_max)

@@ -145,3 +145,32 @@ def test_nonfinite_sparse_grad_is_left_untouched_and_flagged():
     assert not torch.isfinite(nanops.clip_grad_norm_(emb.parameters(), 0.1, found_inf=found_inf))
     assert found_inf.item() == 1.0
     torch.testing.assert_close(emb.weight.grad.to_dense(), before, equal_nan=True)
+
+
+# --- answers where nanops used to raise or give NaN ---------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("length", [3, 100])  # the scalar tail and the vector loop
+@pytest.mark.parametrize("bad_logit", [math.inf, math.nan])
+def test_minus_inf_additive_mask_masks_even_an_inf_or_nan_logit(dtype, length, bad_logit):
+    x = torch.randn(2, length).to(dtype)
+    x[:, 1] = bad_logit
+    additive = torch.zeros(2, length, dtype=dtype)
+    additive[:, 1] = -math.inf
+    expected = nanops.stable_softmax(x, mask=additive != -math.inf)  # the bool mask's answer
+    assert expected.isfinite().all()
+    torch.testing.assert_close(nanops.stable_softmax(x, mask=additive), expected)
+    torch.testing.assert_close(nanops.stable_softmax(x, mask=additive.float()), expected)  # float32 mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_beyond_float32_is_inf_with_found_inf_and_a_skipped_step(dtype):
+    p = torch.nn.Parameter(torch.zeros(100, dtype=dtype))
+    p.grad = torch.full((100,), 1e38, dtype=dtype)  # norm 1e39 > float32's 3.4e38
+    found_inf = torch.zeros(1)
+    assert torch.isinf(nanops.clip_grad_norm_([p], 1.0, found_inf=found_inf))
+    assert found_inf.item() == 1.0 and (p.grad == torch.tensor(1e38, dtype=dtype)).all()  # untouched
+    assert torch.isinf(nanops.get_total_norm([p.grad]))
+    optimizer = torch.optim.SGD([p], lr=1.0)
+    assert nanops.guarded_step(optimizer).skipped
+    assert (p == 0).all()

@@ -1,10 +1,12 @@
 // CPU kernels of the grad-norm ops: grad_norm_summary, clip_coef_from_summaries, scale_tensors_.
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "cpu/grad_norm_variants.h"
 #include "cpu/multi_tensor.h"
@@ -41,7 +43,11 @@ std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cpu(
   const NormKind kind = norm_kind(norm_type);
   const at::Tensor rows = summaries.contiguous();
   const NormPartial total = combine_partials(rows.const_data_ptr<double>(), rows.size(0), kind, norm_type);
-  const double norm = norm_from_summary(total, kind, norm_type);
+  double dtype_max = INFINITY;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, norm_dtype, "clip_coef_from_summaries_cpu", [&] {
+    dtype_max = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  const double norm = norm_in_dtype(norm_from_summary(total, kind, norm_type), dtype_max);
   const bool nonfinite = summary_nonfinite(total, norm);
   const double s = inv_scale.has_value() ? inv_scale->item<double>() : 1.0;
   if (nonfinite && found_inf.has_value()) found_inf->fill_(1.0);

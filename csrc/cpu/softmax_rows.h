@@ -75,6 +75,13 @@ struct MaskRow {
   const bool* keep() const { return static_cast<const bool*>(data); }
 };
 
+// scale * x plus an additive mask entry; -inf masks the position even where the logit is +inf or
+// NaN (inf + -inf would be NaN), as False does in a bool mask.
+template <typename acc_t>
+inline acc_t masked_logit(acc_t scaled, acc_t add) {
+  return add == -std::numeric_limits<acc_t>::infinity() ? add : scaled + add;
+}
+
 // Pass 1: z = scale * x + mask (masked-out bool positions at -inf); returns max(z), NaN if
 // any z is NaN. No mask, or an additive mask contiguous along the row, is fused into the
 // vector loop; other masks (broadcast along the row, bool) take a scalar pass.
@@ -86,6 +93,7 @@ Acc<T> load_logits_max(const T* x, int64_t len, Acc<T> scale, const MaskRow<M>& 
   const M* add = mask.additive();
   const bool fused = mask.kind == MaskKind::None || (add != nullptr && mask.stride == 1);
   const Vec vscale(scale);
+  const Vec vneg_inf(neg_inf);
   Vec vmax0(neg_inf), vmax1(neg_inf);
   int64_t vec_end = 0;  // z[0:vec_end] is done and folded into vmax0/vmax1
   if (fused) {
@@ -94,8 +102,9 @@ Acc<T> load_logits_max(const T* x, int64_t len, Acc<T> scale, const MaskRow<M>& 
       auto [v0, v1] = load_acc_pair(x + j);
       if (add != nullptr) {
         const auto [m0, m1] = load_acc_pair(add + j);
-        v0 = at::vec::fmadd(v0, vscale, m0);
-        v1 = at::vec::fmadd(v1, vscale, m1);
+        // A -inf mask entry means "masked", whatever the logit (+inf or NaN included), as a bool mask.
+        v0 = Vec::blendv(at::vec::fmadd(v0, vscale, m0), vneg_inf, m0 == vneg_inf);
+        v1 = Vec::blendv(at::vec::fmadd(v1, vscale, m1), vneg_inf, m1 == vneg_inf);
       } else {
         v0 = v0 * vscale;
         v1 = v1 * vscale;
@@ -106,12 +115,12 @@ Acc<T> load_logits_max(const T* x, int64_t len, Acc<T> scale, const MaskRow<M>& 
       vmax1 = at::vec::maximum(vmax1, v1);
     }
     for (int64_t j = vec_end; j < len; ++j) {
-      z[j] = scale * static_cast<acc_t>(x[j]) + (add != nullptr ? static_cast<acc_t>(add[j]) : acc_t(0));
+      z[j] = masked_logit(scale * static_cast<acc_t>(x[j]), add != nullptr ? static_cast<acc_t>(add[j]) : acc_t(0));
     }
   } else {
     for (int64_t j = 0; j < len; ++j) {
       const acc_t v = scale * static_cast<acc_t>(x[j]);
-      z[j] = add != nullptr ? v + static_cast<acc_t>(add[j * mask.stride])
+      z[j] = add != nullptr ? masked_logit(v, static_cast<acc_t>(add[j * mask.stride]))
                             : (mask.keep()[j * mask.stride] ? v : neg_inf);
     }
   }

@@ -13,6 +13,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <limits>
+
 #include "cuda/block_reduce.cuh"
 #include "cuda/multi_tensor_apply.cuh"
 #include "norm_math.h"
@@ -137,9 +139,9 @@ __global__ void __launch_bounds__(kCombineThreads)
 template <typename norm_t>
 __global__ void clip_coef_kernel(const double* __restrict__ rows, int64_t n, NormKind kind, double p,
                                  double max_norm, DeviceScalar inv_scale, float* found_inf_f, double* found_inf_d,
-                                 norm_t* total_norm, double* coef) {
+                                 double norm_max, norm_t* total_norm, double* coef) {
   const NormPartial total = combine_partials(rows, n, kind, p);
-  const double norm = norm_from_summary(total, kind, p);
+  const double norm = norm_in_dtype(norm_from_summary(total, kind, p), norm_max);
   const bool nonfinite = summary_nonfinite(total, norm);
   if (nonfinite && found_inf_f != nullptr) *found_inf_f = 1.0f;
   if (nonfinite && found_inf_d != nullptr) *found_inf_d = 1.0;
@@ -211,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, norm_dtype, "clip_coef_from_summaries_cuda", [&] {
     clip_coef_kernel<scalar_t><<<1, 1, 0, stream>>>(rows.const_data_ptr<double>(), rows.size(0), norm_kind(norm_type),
                                                     norm_type, max_norm, s, found_f, found_d,
+                                                    static_cast<double>(std::numeric_limits<scalar_t>::max()),
                                                     total_norm.data_ptr<scalar_t>(), coef.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

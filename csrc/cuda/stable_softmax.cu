@@ -46,8 +46,10 @@ struct MaskedLogits {
     if (kind == MaskKind::None) return z;
     const int64_t at = mask_row + j * index.inner_stride;
     if (kind == MaskKind::Bool) return static_cast<const bool*>(mask)[at] ? z : -infinity<acc_t>();
-    if (kind == MaskKind::AdditiveLikeX) return z + static_cast<acc_t>(static_cast<const T*>(mask)[at]);
-    return z + static_cast<const acc_t*>(mask)[at];
+    const acc_t add = kind == MaskKind::AdditiveLikeX ? static_cast<acc_t>(static_cast<const T*>(mask)[at])
+                                                      : static_cast<const acc_t*>(mask)[at];
+    // -inf masks the position even where the logit is +inf or NaN, as False in a bool mask.
+    return add == -infinity<acc_t>() ? add : z + add;
   }
 };
 
