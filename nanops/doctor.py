@@ -135,73 +135,104 @@ def _parse_rows(rows: list[list[str]]) -> tuple[np.ndarray, np.ndarray]:
     return out, numeric
 
 
+# Rows parsed and checked together; files are streamed, so memory is bounded by this many rows'
+# text plus 7 numbers per row (a 200 MB label file no longer needs gigabytes).
+ROWS_PER_BATCH = 1 << 18
+
+
+def _row_problems(rows: list[list[str]], values: np.ndarray, numeric: np.ndarray, nc: int | None):
+    """(row mask, message) pairs for one batch: every check but duplicates."""
+    cls, xywh = values[:, 0], values[:, 1:]
+    checks = [
+        (~numeric, lambda i: f"non-numeric text: {' '.join(rows[i])!r}"),
+        (numeric & ~np.isfinite(values).all(1), lambda i: f"non-finite value: {' '.join(rows[i])}"),
+        (numeric & np.isfinite(cls) & (cls < 0), lambda i: f"negative class id {rows[i][0]}"),
+        (numeric & np.isfinite(cls) & (cls >= 0) & (cls != np.round(cls)),
+         lambda i: f"class id {rows[i][0]} is not an integer"),
+        (numeric & np.isfinite(xywh).all(1) & ((xywh < 0) | (xywh > 1)).any(1),
+         lambda i: f"coordinates outside [0, 1] (unnormalised box?): {' '.join(rows[i][1:])}"),
+        (numeric & np.isfinite(xywh[:, 2:]).all(1) & (xywh[:, 2:] <= 0).any(1),
+         lambda i: f"zero or negative width/height: w={rows[i][3]} h={rows[i][4]}"),
+    ]
+    if nc is not None:
+        checks.append((numeric & (cls == np.round(cls)) & (cls >= nc),
+                       lambda i: f"class id {rows[i][0]} out of range (nc={nc})"))
+    return checks
+
+
+def _segment_as_box(tokens: list[str]) -> list[str] | None:
+    """A segment row (class x1 y1 x2 y2 ...) as its bounding box row; None if not numeric."""
+    try:
+        values = np.array(tokens, dtype=np.float64)
+    except ValueError:
+        return None
+    xy = values[1:].reshape(-1, 2)
+    x0, y0 = xy.min(0)
+    x1, y1 = xy.max(0)
+    return [tokens[0], str((x0 + x1) / 2), str((y0 + y1) / 2), str(x1 - x0), str(y1 - y0)]
+
+
 def check_labels(files: list[Path], nc: int | None = None) -> LabelReport:
-    """Checks every row of every label file; see the module docstring for what is checked."""
+    """Checks every row of every label file; see the module docstring for what is checked.
+
+    Only regular files are read (a FIFO or a link to a device is reported, not read), line by
+    line, in batches of ROWS_PER_BATCH rows."""
     problems: list[Problem] = []
     rows: list[list[str]] = []
-    where: list[tuple[int, int]] = []  # (file index, line number) of each 5-column row
+    where: list[tuple[int, int]] = []  # (file index, line number) of each 5-column row of the batch
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (values, file index, line) per batch
+
+    def flush() -> None:
+        if not rows:
+            return
+        values, numeric = _parse_rows(rows)
+        file_idx = np.fromiter((w[0] for w in where), dtype=np.int64, count=len(where))
+        line_no = np.fromiter((w[1] for w in where), dtype=np.int64, count=len(where))
+        for mask, message in _row_problems(rows, values, numeric, nc):
+            for i in np.flatnonzero(mask):
+                problems.append(Problem(files[file_idx[i]], int(line_no[i]), message(i)))
+        parts.append((values, file_idx, line_no))
+        rows.clear()
+        where.clear()
+
     for fi, path in enumerate(files):
         try:
             if not stat.S_ISREG(os.stat(path).st_mode):
                 # a FIFO would block, a link to /dev/zero never ends: only regular files are read
                 problems.append(Problem(path, 0, "not a regular file (FIFO, device or socket); not read"))
                 continue
-            text = path.read_text()
+            with open(path, encoding="utf-8") as f:
+                for ln, line in enumerate(f, start=1):
+                    tokens = line.split()
+                    if len(tokens) == 5:
+                        rows.append(tokens)
+                        where.append((fi, ln))
+                    elif not tokens:
+                        continue
+                    elif len(tokens) >= 7 and len(tokens) % 2 == 1 and (box := _segment_as_box(tokens)):
+                        rows.append(box)
+                        where.append((fi, ln))
+                    elif len(tokens) >= 7 and len(tokens) % 2 == 1:
+                        problems.append(Problem(path, ln, f"non-numeric text in a segment row: {' '.join(tokens)!r}"))
+                    else:
+                        problems.append(Problem(path, ln, f"expected 5 columns (class x_center y_center width "
+                                                          f"height), got {len(tokens)}"))
+                    if len(rows) >= ROWS_PER_BATCH:
+                        flush()
         except (OSError, UnicodeDecodeError) as err:
             problems.append(Problem(path, 0, f"cannot read the label file: {err}"))
-            continue
-        split_lines = [line.split() for line in text.splitlines()]
-        if all(len(tokens) == 5 for tokens in split_lines):  # the usual file: take all rows at once
-            rows.extend(split_lines)
-            where.extend((fi, ln) for ln in range(1, len(split_lines) + 1))
-            continue
-        for ln, tokens in enumerate(split_lines, start=1):
-            line = " ".join(tokens)
-            if not tokens:
-                continue
-            if len(tokens) == 5:
-                rows.append(tokens)
-                where.append((fi, ln))
-            elif len(tokens) >= 7 and len(tokens) % 2 == 1:  # a segment: class x1 y1 x2 y2 ...
-                try:
-                    values = np.array(tokens, dtype=np.float64)
-                except ValueError:
-                    problems.append(Problem(path, ln, f"non-numeric text in a segment row: {line.strip()!r}"))
-                    continue
-                xy = values[1:].reshape(-1, 2)
-                x0, y0 = xy.min(0)
-                x1, y1 = xy.max(0)
-                rows.append([tokens[0], str((x0 + x1) / 2), str((y0 + y1) / 2), str(x1 - x0), str(y1 - y0)])
-                where.append((fi, ln))
-            else:
-                problems.append(Problem(path, ln, f"expected 5 columns (class x_center y_center width height), "
-                                                  f"got {len(tokens)}"))
-    if rows:
-        values, numeric = _parse_rows(rows)
-        file_idx = np.array([w[0] for w in where])
-        line_no = np.array([w[1] for w in where])
-        cls, xywh = values[:, 0], values[:, 1:]
-        checks = [
-            (~numeric, lambda i: f"non-numeric text: {' '.join(rows[i])!r}"),
-            (numeric & ~np.isfinite(values).all(1), lambda i: f"non-finite value: {' '.join(rows[i])}"),
-            (numeric & np.isfinite(cls) & (cls < 0), lambda i: f"negative class id {rows[i][0]}"),
-            (numeric & np.isfinite(cls) & (cls >= 0) & (cls != np.round(cls)),
-             lambda i: f"class id {rows[i][0]} is not an integer"),
-            (numeric & np.isfinite(xywh).all(1) & ((xywh < 0) | (xywh > 1)).any(1),
-             lambda i: f"coordinates outside [0, 1] (unnormalised box?): {' '.join(rows[i][1:])}"),
-            (numeric & np.isfinite(xywh[:, 2:]).all(1) & (xywh[:, 2:] <= 0).any(1),
-             lambda i: f"zero or negative width/height: w={rows[i][3]} h={rows[i][4]}"),
-        ]
-        if nc is not None:
-            checks.append((numeric & (cls == np.round(cls)) & (cls >= nc),
-                           lambda i: f"class id {rows[i][0]} out of range (nc={nc})"))
-        for mask, message in checks:
-            for i in np.flatnonzero(mask):
-                problems.append(Problem(files[file_idx[i]], int(line_no[i]), message(i)))
+    flush()
+    total_rows = sum(len(v) for v, _, _ in parts)
+    if parts:
+        values = np.concatenate([v for v, _, _ in parts])
+        file_idx = np.concatenate([f for _, f, _ in parts])
+        line_no = np.concatenate([n for _, _, n in parts])
         # Exact duplicate rows within a file (yolov5 drops them with a warning).
         order = np.lexsort((line_no, *values.T[::-1], file_idx))
-        same = np.zeros(len(rows), dtype=bool)
-        same[1:] = (file_idx[order][1:] == file_idx[order][:-1]) & (values[order][1:] == values[order][:-1]).all(1)
+        sorted_values, sorted_files = values[order], file_idx[order]
+        same = np.zeros(len(values), dtype=bool)
+        same[1:] = (sorted_files[1:] == sorted_files[:-1]) & (sorted_values[1:] == sorted_values[:-1]).all(1)
+        del sorted_values, sorted_files
         for k in np.flatnonzero(same):
             i, first = order[k], order[k - 1]
             problems.append(Problem(files[file_idx[i]], int(line_no[i]), f"duplicate of line {line_no[first]}"))
@@ -209,7 +240,7 @@ def check_labels(files: list[Path], nc: int | None = None) -> LabelReport:
     bad_rows: dict[Path, set[int]] = {}
     for p in problems:
         bad_rows.setdefault(p.file, set()).add(p.line)
-    return LabelReport(files=len(files), rows=len(rows), problems=problems, bad_rows=bad_rows)
+    return LabelReport(files=len(files), rows=total_rows, problems=problems, bad_rows=bad_rows)
 
 
 def _overlaps(a: Path, b: Path) -> bool:

@@ -199,3 +199,22 @@ def test_malformed_data_yaml_exits_2_with_one_line(tmp_path, capsys, yaml_text):
     assert main(["doctor", str(data)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nanops doctor:") and err.count("\n") == 1
+
+
+def test_streamed_batches_keep_line_numbers_and_find_duplicates_across_them(tmp_path, monkeypatch):
+    import nanops.doctor as doctor
+
+    monkeypatch.setattr(doctor, "ROWS_PER_BATCH", 7)  # many batches, rows of one file split across them
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    lines = [f"0 0.5 0.5 0.{i % 9 + 1} 0.2" for i in range(1, 30)]
+    lines[3] = "0 0.5 0.5 0.9 0.2"        # duplicate of line 8 (0.9 from i=8)... placed before it
+    lines[20] = "3 1.5 0.5 0.2 0.2"       # out of [0, 1] at line 21
+    (labels / "a.txt").write_text("\n".join(lines) + "\n")
+    streamed = doctor.check_labels(*doctor.find_label_files(labels))
+    monkeypatch.setattr(doctor, "ROWS_PER_BATCH", 1 << 18)
+    whole = doctor.check_labels(*doctor.find_label_files(labels))
+    assert [str(p) for p in streamed.problems] == [str(p) for p in whole.problems]
+    assert streamed.rows == whole.rows == 29
+    assert any(p.line == 21 and "outside [0, 1]" in p.message for p in streamed.problems)
+    assert sum("duplicate of line" in p.message for p in streamed.problems) >= 1
