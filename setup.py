@@ -4,6 +4,7 @@ Environment:
   NANOPS_CUDA=0/1         force the CUDA kernels off/on (default: auto-detect)
   TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
   NANOPS_DEBUG=1          -O0 -g builds
+  NANOPS_FRESH_BUILD=1    compile in a temporary folder instead of reusing ./build/obj
 """
 import glob
 import os
@@ -73,7 +74,17 @@ def _extension():
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+    class BuildInTree(BuildExtension):
+        """Object files in ./build/ of the checkout, not a fresh temporary folder: pip's editable
+        installs otherwise recompile every source on each `pip install -e .` (the README's
+        second command right after the first); ninja now rebuilds only what changed."""
+
+        def finalize_options(self):
+            super().finalize_options()
+            if not os.environ.get("NANOPS_FRESH_BUILD"):
+                self.build_temp = os.path.join(ROOT, "build", "obj")
+
+    return BuildInTree.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
 setup(
