@@ -151,3 +151,32 @@ def test_patch_reaches_ultralytics_aifi_batch_first():
     expected = layer(x)
     assert nanops.patch(layer) == 1 and layer.ma.batch_first
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+class _SelfAttention(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ma = torch.nn.MultiheadAttention(E, H)
+
+    def forward(self, x):
+        return self.ma(x, x, x, key_padding_mask=torch.zeros(x.shape[1], x.shape[0], dtype=torch.bool))[0]
+
+
+def test_torch_export_of_a_patched_model_is_standard_ops():
+    torch.manual_seed(0)
+    model = _SelfAttention().eval()
+    nanops.patch(model)
+    x = torch.randn(L, N, E)
+    exported = torch.export.export(model, (x,))
+    assert "nanops" not in str(exported.graph)
+    torch.testing.assert_close(exported.module()(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore")  # the ONNX exporter's own notes
+def test_onnx_export_of_a_patched_model_uses_only_standard_onnx_ops(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    model = _SelfAttention().eval()
+    nanops.patch(model)
+    path = tmp_path / "attention.onnx"
+    torch.onnx.export(model, (torch.randn(L, N, E),), str(path), dynamo=True)
+    assert {node.domain for node in onnx.load(str(path)).graph.node} <= {"", "ai.onnx"}

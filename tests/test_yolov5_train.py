@@ -82,7 +82,7 @@ def test_nanops_train_skips_the_step_and_keeps_the_whole_model_finite(runs):
     assert rows == [{"epoch": "0", "iteration": str(CORRUPT_STEP), "first_nonfinite": "forward of model.0.conv"}]
 
 
-def test_protected_checkpoint_loads_validates_and_exports_without_nanops(runs, tmp_path):
+def test_protected_checkpoint_loads_validates_detects_and_exports_without_nanops(runs, tmp_path):
     _, nanops_dir, _, data = runs
     last = nanops_dir / "weights" / "last.pt"
     done = run_without_nanops(f"""
@@ -95,6 +95,9 @@ def test_protected_checkpoint_loads_validates_and_exports_without_nanops(runs, t
         results = val.run(data={str(data)!r}, weights={str(last)!r}, imgsz=64, batch_size=4, device="cpu",
                           project={str(tmp_path)!r}, name="val", plots=False)[0]
         assert all(v == v for v in results), results
+        from yolov5 import detect
+        detect.run(weights={str(last)!r}, source={str(data.parent / "images" / "val")!r}, imgsz=(64, 64),
+                   device="cpu", project={str(tmp_path)!r}, name="detect", nosave=True)
         export.run(weights={str(last)!r}, include=("torchscript", "onnx"), imgsz=(64, 64), device="cpu")
         print("LOADED-VALIDATED-EXPORTED")
     """, cwd=tmp_path)
