@@ -28,7 +28,7 @@ def _softmax_samples():
                 yield pytest.param(sample, dtype, id=f"{op.variant_test_name or 'plain'}-{dtype}-{i}")
 
 
-@pytest.mark.parametrize("sample, dtype", _softmax_samples())
+@pytest.mark.parametrize("sample, dtype", list(_softmax_samples()))
 def test_softmax_opinfo_samples(sample, dtype):
     x, (dim,), kwargs = sample.input, sample.args, sample.kwargs
     expected = torch.softmax(x, dim, **kwargs)
@@ -61,7 +61,7 @@ def _foreach_norm_samples():
                 yield pytest.param(sample, id=f"{dtype}-ord{ord_}-{i}")
 
 
-@pytest.mark.parametrize("sample", _foreach_norm_samples())
+@pytest.mark.parametrize("sample", list(_foreach_norm_samples()))
 def test_foreach_norm_samples_total_norm(sample):
     tensors, ord_ = list(sample.input), sample.kwargs.get("ord", 2)
     norms = torch._foreach_norm(tensors, ord_)
