@@ -91,11 +91,19 @@ setup(
     name="nanops",
     version="0.1.0",
     description="Fused NaN/Inf detection, stable softmax and grad clipping kernels for Transformer-YOLOv5 training",
-    packages=find_packages(include=["nanops", "nanops.*"]),
+    # The benchmark scripts ship too (as `nanops_benchmarks`), so `nanops bench` works from a wheel.
+    packages=find_packages(include=["nanops", "nanops.*"]) + ["nanops_benchmarks"],
+    package_dir={"nanops_benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},
     entry_points={"console_scripts": ["nanops=nanops.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "pyyaml", "numpy"],
+    # `pip install nanops[yolov5]`: the yolov5 stack of `nanops train/demo/check`, with the pins it
+    # needs (setuptools < 81 keeps pkg_resources; numpy < 2.4 keeps np.trapz; pillow < 10 keeps getsize).
+    extras_require={
+        "yolov5": ["yolov5==7.0.14", "setuptools>=77.0.3,<81", "numpy>=2,<2.4", "pillow<10", "matplotlib"],
+        "export": ["onnx", "onnxscript"],
+    },
     zip_safe=False,
 )

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+def out_root() -> Path:
+    """Where results go: NANOPS_BENCH_OUT (run.py's --out), else ./nanops-bench of the current
+    folder; never into the installed package or over the committed results unless asked."""
+    return Path(os.environ.get("NANOPS_BENCH_OUT", "nanops-bench"))
 
 
 def bench_device() -> torch.device:
@@ -56,7 +59,7 @@ def environment(device: torch.device) -> dict:
 
 
 def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Path | None = None) -> Path:
-    folder = (out_dir or RESULTS_DIR) / device_slug(device)
+    folder = (out_dir or out_root()) / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.json"
     path.write_text(json.dumps({"benchmark": name, "environment": environment(device), "rows": rows}, indent=2))

@@ -1,23 +1,25 @@
 """Runs every benchmarks/bench_*.py on the current device and writes one report.
 
-    python benchmarks/run.py [--only softmax,clip]      (also: nanops bench)
+    python benchmarks/run.py [--only softmax,clip] [--out DIR]      (also: nanops bench)
 
 Prints one table (op, case, baseline, times, ratio, GB/s) and writes report.json and report.png
-under benchmarks/results/<device>/, beside each benchmark's own JSON. With --only, the full
-report is left as it is (a partial run must not replace it); the benchmarks' own JSON is written.
+under DIR/<device>/ (default ./nanops-bench; `--out benchmarks/results` updates the committed
+reports), beside each benchmark's own JSON. With --only, the full report is left as it is (a
+partial run must not replace it); the benchmarks' own JSON is written.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from common import RESULTS_DIR, bench_device, device_slug, environment, print_table  # noqa: E402
+from common import bench_device, device_slug, environment, out_root, print_table  # noqa: E402
 
 
 def discover(only: set[str] | None) -> list[str]:
@@ -52,7 +54,10 @@ def save_chart(rows: list[dict], path: Path, title: str) -> Path | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip)")
+    parser.add_argument("--out", help="results folder (default ./nanops-bench; benchmarks/results is the committed one)")
     args = parser.parse_args(argv)
+    if args.out:
+        os.environ["NANOPS_BENCH_OUT"] = args.out
     only = set(args.only.split(",")) if args.only else None
     known = discover(None)
     if only is not None and (unknown := sorted(only - set(known))):
@@ -64,10 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"bench_{name}")
         rows += [{"op": name, **r} for r in module.main([])]
     env = environment(device)
-    print_table(f"nanops on {env['device']}", rows)
+    if only is None or len(only) > 1:  # one benchmark has printed its own table already
+        print_table(f"nanops on {env['device']}", rows)
     if only is not None:
         return 0
-    folder = RESULTS_DIR / device_slug(device)
+    folder = out_root() / device_slug(device)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.json").write_text(json.dumps({"environment": env, "rows": rows}, indent=2))
     chart = save_chart(rows, folder / "report.png", f"nanops on {env['device']} (torch {env['torch']}, {env['commit']})")

@@ -58,7 +58,12 @@ def _cmd_check(args) -> int:
     from ._yolov5_env import build_transformer_model
     from .yolov5 import patch
 
-    model = build_transformer_model()
+    try:
+        model = build_transformer_model()
+    except ImportError as err:
+        print(f"nanops check: needs the yolov5 package ({err}); install it with: pip install 'nanops[yolov5]'",
+              file=sys.stderr)
+        return 2
     replaced = patch(model) if args.patch else 0
     x = torch.randn(args.batch, 3, args.img, args.img)
     if args.inject_nan:
@@ -117,18 +122,28 @@ def _cmd_doctor(args) -> int:
     return 1 if wrong else 0
 
 
+def _benchmarks_dir() -> Path | None:
+    """The benchmark scripts: shipped in the wheel as `nanops_benchmarks` (the checkout's benchmarks/)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nanops_benchmarks")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    checkout = Path(__file__).resolve().parents[1] / "benchmarks"
+    return checkout if checkout.is_dir() else None
+
+
 def _cmd_bench(args) -> int:
-    """Runs benchmarks/run.py of the source checkout this package was installed from."""
+    """Runs the benchmark runner (benchmarks/run.py) with this package's kernels."""
     import runpy
 
-    runner = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
-    if not runner.exists():
-        print("nanops bench: benchmarks/ ships with the source checkout only; install with "
-              "`pip install --no-build-isolation -e .` from a clone", file=sys.stderr)
+    folder = _benchmarks_dir()
+    if folder is None or not (folder / "run.py").exists():
+        print("nanops bench: the benchmark scripts are missing from this installation", file=sys.stderr)
         return 2
-    sys.argv = [str(runner)] + (["--only", args.only] if args.only else [])
+    sys.argv = [str(folder / "run.py")] + (["--only", args.only] if args.only else []) + ["--out", args.out]
     try:
-        runpy.run_path(str(runner), run_name="__main__")
+        runpy.run_path(str(folder / "run.py"), run_name="__main__")
     except SystemExit as done:
         return int(done.code or 0)
     return 0
@@ -169,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     doctor.set_defaults(fn=_cmd_doctor)
     bench = sub.add_parser("bench", help="run every benchmark on this device; one table, JSON and a chart")
     bench.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip)")
+    bench.add_argument("--out", default="nanops-bench",
+                       help="results folder (default ./nanops-bench/<device>/; the checkout's committed reports "
+                            "are in benchmarks/results)")
     bench.set_defaults(fn=_cmd_bench)
     args = parser.parse_args(argv)
     return args.fn(args)

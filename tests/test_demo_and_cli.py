@@ -57,3 +57,14 @@ def test_check_bad_arguments_exit_2_and_never_report_all_finite(argv, message, c
 def test_bench_only_unknown_name_fails(capsys):
     assert main(["bench", "--only", "nosuch"]) == 2
     assert "no benchmark named nosuch" in capsys.readouterr().err
+
+
+def test_bench_writes_where_told_prints_one_table_and_leaves_tracked_results(tmp_path, capsys):
+    from pathlib import Path
+
+    tracked = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    before = {p: p.stat().st_mtime_ns for p in tracked.rglob("*")}
+    assert main(["bench", "--only", "doctor", "--out", str(tmp_path)]) == 0
+    assert len(list(tmp_path.glob("*/doctor.json"))) == 1
+    assert capsys.readouterr().out.count("label check, 5000 files") == 1
+    assert {p: p.stat().st_mtime_ns for p in tracked.rglob("*")} == before
