@@ -178,6 +178,19 @@ def _is_process_group(group) -> bool:
     return dist.is_available() and isinstance(group, dist.ProcessGroup)
 
 
+def _clip_coef_on_device(total: torch.Tensor, nonfinite: torch.Tensor, max_norm: float,
+                         inv_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+    """norm_math.h's clip_coef with torch ops, for the paths that form their norm in Python
+    (norm_type=0, sparse grads, a given total_norm): float64 inv_scale * min(1, max_norm /
+    (norm + 1e-6)), exactly 1 where the grads must stay untouched; sets found_inf there."""
+    if found_inf is not None:
+        found_inf.copy_(torch.where(nonfinite, torch.ones_like(found_inf), found_inf))
+    coef = (max_norm / (total.double() + 1e-6)).clamp(max=1.0)
+    if inv_scale is not None:
+        coef = coef * inv_scale.double().reshape(())
+    return torch.where(nonfinite, torch.ones_like(coef), coef)
+
+
 def _zero_norm_and_coef(grads, groups, max_norm, inv_scale, found_inf):
     """norm_type=0 as torch counts it: the number of tensors holding a non-zero (NaN counts as
     non-zero), not the non-zeros of all tensors. Rare, so plain torch ops on the device."""
@@ -185,13 +198,7 @@ def _zero_norm_and_coef(grads, groups, max_norm, inv_scale, found_inf):
     counts = torch.stack([n.to(home) for gs in groups.values() for n in torch._foreach_norm(gs, 0)])
     total = torch.linalg.vector_norm(counts.double(), 0)
     nonfinite = torch.stack([~all_finite(gs).to(home) for gs in groups.values()]).any()
-    if found_inf is not None:
-        found_inf.copy_(torch.where(nonfinite, torch.ones_like(found_inf), found_inf))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    if inv_scale is not None:
-        coef = coef * inv_scale.double()
-    coef = torch.where(nonfinite, torch.ones_like(coef), coef)
-    return total.to(_norm_dtype(grads)), coef
+    return total.to(_norm_dtype(grads)), _clip_coef_on_device(total, nonfinite, max_norm, inv_scale, found_inf)
 
 
 def clip_grad_norm_(
@@ -276,10 +283,7 @@ def _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfin
     stacked = torch.stack(norms)
     total = stacked.sum() if p == 0 else torch.linalg.vector_norm(stacked, p)  # p=0: counts add up
     nonfinite = nonfinite | ~torch.isfinite(total)
-    if found_inf is not None:
-        found_inf.copy_(torch.where(nonfinite, torch.ones_like(found_inf), found_inf))
-    coef = (max_norm / (total + 1e-6)).clamp(max=1.0) * (scale if scale is not None else 1.0)
-    coef = torch.where(nonfinite, torch.ones_like(coef), coef)
+    coef = _clip_coef_on_device(total, nonfinite, max_norm, inv_scale, found_inf)
     total_norm = total.to(_norm_dtype(grads))
     _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
     return total_norm, coef
@@ -338,6 +342,4 @@ def clip_grads_with_norm_(
         return
     for dev, gs in _group_grads(grads).items():
         norm = total_norm.reshape(()).to(dev, dtype=torch.float64, non_blocking=True)
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        coef = torch.where(torch.isfinite(norm), coef, torch.ones_like(coef))
-        torch.ops.nanops.scale_tensors_.default(gs, coef)
+        torch.ops.nanops.scale_tensors_.default(gs, _clip_coef_on_device(norm, ~torch.isfinite(norm), max_norm))
