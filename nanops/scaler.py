@@ -49,7 +49,7 @@ class GradScaler(torch.amp.GradScaler):
             self._per_optimizer_states = defaultdict(_refresh_per_optimizer_state)
         self.skipped_steps = 0
         self.total_steps = 0
-        self._last_found_inf: torch.Tensor | None = None
+        self._last_skipped = False
         self._snapshots: list[NormBufferSnapshot] = []
         self._on_skip: list[Callable[[], None]] = []
 
@@ -68,8 +68,8 @@ class GradScaler(torch.amp.GradScaler):
 
     @property
     def last_step_skipped(self) -> bool:
-        """Whether the last `step` skipped the optimizer (reads one device flag)."""
-        return self._last_found_inf is not None and bool(self._last_found_inf.item())
+        """Whether the last `step` skipped the optimizer (read once, in `step`)."""
+        return self._last_skipped
 
     # ---------------------------------------------------------------------------------------
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
@@ -94,20 +94,18 @@ class GradScaler(torch.amp.GradScaler):
         state = self._per_optimizer_states[id(optimizer)]
         if self.is_enabled():
             retval = super().step(optimizer, *args, **kwargs)
+            skipped = self._found_any_inf(state)  # torch's step has synced on these already
         else:
             if state["stage"] is OptState.STEPPED:
                 raise RuntimeError("step() has already been called since the last update().")
             if state["stage"] is OptState.READY:
                 self.unscale_(optimizer)
-            retval = None
-            if not sum(v.item() for v in state["found_inf_per_device"].values()):
-                retval = optimizer.step(*args, **kwargs)
+            skipped = self._found_any_inf(state)  # the one host sync of the step
+            retval = None if skipped else optimizer.step(*args, **kwargs)
             state["stage"] = OptState.STEPPED
         self.total_steps += 1
-        found = list(state["found_inf_per_device"].values())
-        self._last_found_inf = (sum(f.to(found[0].device) for f in found) if found
-                                else torch.zeros(1))
-        if self.last_step_skipped:
+        self._last_skipped = skipped
+        if skipped:
             self.skipped_steps += 1
             for snapshot in self._snapshots:
                 snapshot.restore()
@@ -120,6 +118,10 @@ class GradScaler(torch.amp.GradScaler):
             # torch's disabled update() returns at once; the per-optimizer stage is ours to reset.
             self._per_optimizer_states[id(optimizer)] = _refresh_per_optimizer_state()
         return retval
+
+    @staticmethod
+    def _found_any_inf(state: dict) -> bool:
+        return bool(sum(v.item() for v in state["found_inf_per_device"].values()))
 
     def update(self, new_scale: float | torch.Tensor | None = None) -> None:
         """AMP on: torch's update (the scale backs off after a skipped step). AMP off: no scale."""

@@ -47,7 +47,6 @@ class Protection:
         self.scaler: GradScaler | None = None
         self._trainer = None
         self._last_images: torch.Tensor | None = None
-        self._pending_skip = False
         self._hook = None
 
     # --- ultralytics callbacks --------------------------------------------------------------
@@ -61,7 +60,7 @@ class Protection:
         if old.is_enabled():
             scaler.load_state_dict(old.state_dict())  # a resumed run's scale carries over
         scaler.protect(model)
-        scaler.on_skip(self._mark_skip)
+        self.report = SkipReport(self.report.logger)  # this training's skips (a YOLO object may train again)
         trainer.scaler = self.scaler = scaler
         trainer.optimizer_step = lambda: self._optimizer_step(trainer)  # this trainer object only
         trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
@@ -69,9 +68,8 @@ class Protection:
         self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._remember_images)
 
     def on_train_batch_end(self, trainer) -> None:
-        if not self._pending_skip:
-            return
-        self._pending_skip = False
+        if self.scaler.skipped_steps == len(self.report.steps):
+            return  # no step skipped since the last report
         where = (first_nonfinite(_unwrap(trainer.model), self._last_images, autocast=self.scaler.is_enabled())
                  if self._last_images is not None else "unknown")
         self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, where), trainer.save_dir)
@@ -106,9 +104,6 @@ class Protection:
             return original(epoch)
         return handle
 
-    def _mark_skip(self) -> None:
-        self._pending_skip = True
-
     def _remember_images(self, module, args) -> None:
         # The trained model's forward gets the batch dict (or the image tensor); keep a reference
         # to the images of the latest training forward for a replay, no copy.
@@ -129,7 +124,7 @@ class Protection:
 
 def protect(model) -> Protection:
     """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
-    returns the Protection, whose `report.steps` lists the skipped steps."""
+    returns the Protection, whose `report.steps` lists the skipped steps of the latest training."""
     protection = Protection()
     for event in ("on_pretrain_routine_end", "on_train_batch_end", "on_train_end", "teardown"):
         model.add_callback(event, getattr(protection, event))

@@ -49,33 +49,29 @@ class Protection:
 
     def __init__(self, opt) -> None:
         self.opt = opt
-        self.models: list[torch.nn.Module] = []
+        self.model: torch.nn.Module | None = None
         self.scaler: GradScaler | None = None
         self.report = SkipReport(quiet_yolov5_import("yolov5.utils.general").LOGGER)
         self.epoch = -1
-        self._pending_skip = False
+        self._reported_before = 0
 
     # --- what train.py calls --------------------------------------------------------------
-    def _model_factory(self, original):
-        def build(*args, **kwargs):
-            model = original(*args, **kwargs)
+    def _patched(self, build, trained: bool = False):
+        """`build` (Model, attempt_load) whose models get nanops' attention; the trained one is
+        kept for the scaler to protect."""
+        def patched_build(*args, **kwargs):
+            model = build(*args, **kwargs)
             patching.patch(model)
-            self.models.append(model)
+            if trained:
+                self.model = model
             return model
-        return build
-
-    def _load_factory(self, original):
-        def load(*args, **kwargs):
-            model = original(*args, **kwargs)
-            patching.patch(model)
-            return model
-        return load
+        return patched_build
 
     def _scaler_factory(self, *args, **kwargs) -> GradScaler:
         scaler = GradScaler("cuda", *args, **kwargs)
-        if self.models:
-            scaler.protect(self.models[-1])
-        scaler.on_skip(self._mark_skip)
+        self._reported_before = len(self.report.steps)  # --evolve trains (and builds a scaler) again
+        if self.model is not None:
+            scaler.protect(self.model)
         self.scaler = scaler
         return scaler
 
@@ -86,19 +82,14 @@ class Protection:
             return original(ema, model)
         return update
 
-    def _mark_skip(self) -> None:
-        self._pending_skip = True
-
     # --- yolov5 callbacks -----------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch += 1
 
     def on_train_batch_end(self, model, ni, imgs, targets, paths, vals) -> None:
-        if not self._pending_skip:
-            return
-        self._pending_skip = False
-        amp = self.scaler is not None and self.scaler.is_enabled()
-        where = first_nonfinite(model, imgs, autocast=amp)
+        if self.scaler is None or self.scaler.skipped_steps == len(self.report.steps) - self._reported_before:
+            return  # no step skipped since the last report
+        where = first_nonfinite(model, imgs, autocast=self.scaler.is_enabled())
         self.report.add(SkippedStep(self.epoch, int(ni), where), self.opt.save_dir)
 
     def on_train_end(self, last, best, epoch, results) -> None:
@@ -119,8 +110,8 @@ class Protection:
         from yolov5.utils.torch_utils import ModelEMA
 
         with _swapped(
-            (yolov5_train, "Model", self._model_factory(yolov5_train.Model)),
-            (yolov5_train, "attempt_load", self._load_factory(yolov5_train.attempt_load)),
+            (yolov5_train, "Model", self._patched(yolov5_train.Model, trained=True)),
+            (yolov5_train, "attempt_load", self._patched(yolov5_train.attempt_load)),
             (torch.cuda.amp, "GradScaler", self._scaler_factory),
             (torch.nn.utils, "clip_grad_norm_", clip_grad_norm_),
             (ModelEMA, "update", self._ema_update(ModelEMA.update)),
