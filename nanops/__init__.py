@@ -6,16 +6,17 @@ Ops (real ``torch.ops.nanops.*`` operators with CPU and CUDA kernels):
     clip_grad_norm_, get_total_norm, clip_grads_with_norm_
                                      fused, overflow-free grad-norm clipping (AMP unscale, distributed)
 Training: GradScaler (torch's, plus skipping non-finite steps with AMP off and restoring BatchNorm
-statistics), guarded_step (yolov5's unscale/clip/step block in one call), watch and locate_forward
-(first non-finite module). Models: patch/unpatch (stable attention in any model's
+statistics), guarded_step (yolov5's unscale/clip/step block in one call) and Guard (a loop's
+protection: skips, BatchNorm restore, replay of a skipped step to name its first non-finite
+module), watch, locate_step and locate_forward (first non-finite module). Models: patch/unpatch (stable attention in any model's
 nn.MultiheadAttention), nanops.nn (MultiheadAttention, TransformerLayer, TransformerBlock, C3TR),
 nanops.yolov5 (patch, and yolov5's own training protected: `nanops train`).
 """
 from . import nn, yolov5
 from ._loader import cuda_built
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
-from .guard import StepResult, guarded_step
-from .locate import locate_forward
+from .guard import Guard, StepResult, guarded_step
+from .locate import RngState, locate_forward, locate_step
 from .ops import all_finite, nonfinite_counts, stable_softmax
 from .patching import patch, unpatch
 from .scaler import GradScaler
@@ -26,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Finding",
     "GradScaler",
+    "Guard",
+    "RngState",
     "StepResult",
     "Watch",
     "all_finite",
@@ -36,6 +39,7 @@ __all__ = [
     "guarded_step",
     "locate_forward",
     "nonfinite_counts",
+    "locate_step",
     "patch",
     "stable_softmax",
     "unpatch",

@@ -1,6 +1,6 @@
-"""A guarded optimizer step for yolov5's train loop.
+"""A guarded optimizer step for yolov5's train loop, and `Guard`, which owns one loop's protection.
 
-Replaces
+`guarded_step` replaces
     scaler.unscale_(optimizer)
     torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=10.0)
     scaler.step(optimizer)
@@ -8,25 +8,57 @@ Replaces
     optimizer.zero_grad()
 with one call that fuses unscale + non-finite check + clip, skips the step when any grad is
 NaN/Inf (with AMP off too, where yolov5 on CPU would write the NaN into the weights), updates
-the scaler and zeroes the grads. One host synchronisation: reading whether to step.
+the scaler and zeroes the grads.
+
+Host synchronisation: none with an optimizer that takes `found_inf` on the device (torch's
+fused SGD/Adam/AdamW/Adagrad: the skip happens inside its kernel) once its state exists; one,
+reading whether to step, with any other optimizer, on an optimizer's first step, or when a
+`locate` closure must know whether to replay.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import inspect
+from collections.abc import Callable, Iterable
 
 import torch
 
 from .clip import clip_grad_norm_
+from .locate import RngState, _cuda_devices, locate_step
+from .snapshot import NormBufferSnapshot
+from .watch import Finding
+
+LossFn = Callable[[], torch.Tensor]
 
 
-@dataclass
 class StepResult:
-    """total_norm: 0-dim tensor, norm of the (unscaled) grads before clipping.
-    skipped: True when the grads held NaN/Inf and the optimizer did not step (skip EMA too)."""
+    """What one guarded step did.
 
-    total_norm: torch.Tensor
-    skipped: bool
+    Attributes:
+        total_norm: 0-dim float tensor on the grads' device, the norm of the (unscaled) grads
+            before clipping (inf/NaN when they held non-finite values).
+        found_inf: (1,) float32 tensor on the grads' device, 1.0 when the step was skipped.
+        finding: where a skipped step first went non-finite, found by replaying it (only when a
+            `locate` closure was given), else None.
+    """
+
+    def __init__(self, total_norm: torch.Tensor, found_inf: torch.Tensor, finding: Finding | None = None,
+                 skipped: bool | None = None) -> None:
+        self.total_norm = total_norm
+        self.found_inf = found_inf
+        self.finding = finding
+        self._skipped = skipped
+
+    @property
+    def skipped(self) -> bool:
+        """True when the grads held NaN/Inf and the optimizer did not step (skip EMA too). Reading
+        it synchronises with the device once when the step itself did not need to."""
+        if self._skipped is None:
+            self._skipped = bool(self.found_inf.item())
+        return self._skipped
+
+    def __repr__(self) -> str:
+        skipped = "unread" if self._skipped is None else self._skipped
+        return f"StepResult(total_norm={self.total_norm!r}, skipped={skipped}, finding={self.finding})"
 
 
 def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -40,21 +72,18 @@ def _grad_device(params: list[torch.Tensor]) -> torch.device:
     return torch.device("cpu")
 
 
-def guarded_step(
-    optimizer: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler | None = None,
-    *,
-    max_norm: float = 10.0,
-    parameters: Iterable[torch.Tensor] | None = None,
-) -> StepResult:
-    """Unscale, check, clip, then step or skip; update the scaler; zero the grads.
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer.step()` can skip itself from a `found_inf` tensor (as torch's GradScaler
+    drives fused optimizers) and leave its state as it was. Its first step cannot: fused SGD
+    would keep uninitialised momentum buffers, Adam fresh zero moments, where there were none."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return False
+    if "grad_scaler" in inspect.signature(optimizer.step).parameters:
+        return False  # the deprecated protocol: the optimizer would call our scaler
+    return all(optimizer.state.get(p) for p in _optimizer_params(optimizer) if p.grad is not None)
 
-    Args:
-        optimizer: the optimizer to step.
-        scaler: a GradScaler, or None / a disabled one (AMP off).
-        max_norm: clip threshold (yolov5 uses 10.0).
-        parameters: the parameters to clip (default: all of the optimizer's).
-    """
+
+def _check_arguments(optimizer, scaler) -> bool:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"guarded_step: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
@@ -64,14 +93,44 @@ def guarded_step(
         # Checked before anything changes: torch's unscale_ raises the same after nothing happened.
         raise RuntimeError("guarded_step: the scaler's scale is None. This may indicate your script did not use "
                            "scaler.scale(loss or outputs) earlier in the iteration.")
-    params = list(parameters) if parameters is not None else _optimizer_params(optimizer)
+    return amp
+
+
+def _step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    max_norm: float,
+    params: list[torch.Tensor],
+    *,
+    snapshot: NormBufferSnapshot | None = None,
+    locate: LossFn | None = None,
+    model: torch.nn.Module | None = None,
+    rng_state: RngState | None = None,
+) -> StepResult:
+    amp = _check_arguments(optimizer, scaler)
     device = _grad_device(params)
     found_inf = torch.zeros(1, device=device)
-    inv_scale = scaler._scale.double().reciprocal().float() if amp and scaler._scale is not None else None
+    inv_scale = scaler._scale.double().reciprocal().float() if amp else None
     total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
-    skipped = bool(found_inf.item())  # the one host sync of the step
-    if not skipped:
-        optimizer.step()
+    skipped: bool | None = None
+    if locate is None and _skips_on_device(optimizer):
+        # The optimizer's kernel reads found_inf and leaves params and state alone when it is 1.
+        # The grads are unscaled already (the clip did it), so no grad_scale.
+        optimizer.grad_scale, optimizer.found_inf = None, found_inf.view(())  # 0-dim, as GradScaler passes
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.grad_scale, optimizer.found_inf
+    else:
+        skipped = bool(found_inf.item())  # the one host sync of the step
+        if not skipped:
+            optimizer.step()
+    if snapshot is not None:
+        snapshot.settle(found_inf)
+    finding = None
+    if skipped and locate is not None:
+        finding = locate_step(model, locate, parameters=params, loss_scale=scaler._scale if amp else None,
+                              rng_state=rng_state)
     if amp:
         # GradScaler.update() reads the found_inf that unscale_ would have recorded; record ours
         # (private state, stable across torch 2.x) so the scale backs off on overflow as usual.
@@ -79,4 +138,99 @@ def guarded_step(
         state["found_inf_per_device"] = {device: found_inf}
         scaler.update()
     optimizer.zero_grad()
-    return StepResult(total_norm=total_norm, skipped=skipped)
+    return StepResult(total_norm, found_inf, finding, skipped)
+
+
+def guarded_step(
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None = None,
+    *,
+    max_norm: float = 10.0,
+    parameters: Iterable[torch.Tensor] | None = None,
+    locate: LossFn | None = None,
+    model: torch.nn.Module | None = None,
+) -> StepResult:
+    """Unscale, check, clip, then step or skip; update the scaler; zero the grads.
+
+    Args:
+        optimizer: the optimizer to step.
+        scaler: a GradScaler, or None / a disabled one (AMP off).
+        max_norm: clip threshold (yolov5 uses 10.0).
+        parameters: the parameters to clip (default: all of the optimizer's).
+        locate: optional closure that runs the step's forward and loss again and returns the loss
+            (e.g. `lambda: compute_loss(model(imgs), targets)[0]`); on a skipped step it is
+            replayed with every module of `model` checked and `StepResult.finding` names the
+            first non-finite one. Healthy steps never call it. Use `Guard` to replay from the
+            step's own RNG state and to restore BatchNorm statistics too.
+        model: the model `locate` runs (required with `locate`).
+    """
+    if locate is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError("guarded_step: locate needs model= (the torch.nn.Module whose modules are named)")
+    params = list(parameters) if parameters is not None else _optimizer_params(optimizer)
+    return _step(optimizer, scaler, max_norm, params, locate=locate, model=model)
+
+
+class Guard:
+    """One training loop's protection: a skipped step leaves weights, optimizer state and
+    BatchNorm statistics as they were before the batch, and (with `locate`) is replayed from its
+    own RNG state to name the first non-finite module.
+
+        guard = nanops.Guard(model, optimizer, scaler, max_norm=10.0)
+        for imgs, targets in loader:
+            guard.begin()   # optional: marks this step's RNG state (else: the end of the last step)
+            with torch.autocast("cuda", enabled=amp):
+                loss = compute_loss(model(imgs), targets)
+            scaler.scale(loss).backward()
+            result = guard.step(locate=lambda: replay_loss(imgs, targets))
+            if not result.skipped:   # reading it syncs when the step did not have to
+                ema.update(model)
+
+    Healthy steps run no hooks and no replay; the closure runs only on a skipped step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scaler: torch.amp.GradScaler | None = None,
+        *,
+        max_norm: float = 10.0,
+        parameters: Iterable[torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"Guard: model must be a torch.nn.Module, got {type(model).__name__}")
+        _check_arguments(optimizer, None)
+        self.model, self.optimizer, self.scaler, self.max_norm = model, optimizer, scaler, max_norm
+        self._params = list(parameters) if parameters is not None else None
+        self._snapshot = NormBufferSnapshot(model)
+        self._snapshot.take()
+        self.total_steps = 0
+        self._skipped: torch.Tensor | None = None  # running count on the device: no sync to keep it
+        self.findings: list[tuple[int, Finding | None]] = []  # (step index, finding) of replayed skips
+        self.begin()
+
+    def begin(self) -> None:
+        """Marks the RNG state the coming step starts from (a host-side copy, no sync)."""
+        self._rng = RngState.capture(_cuda_devices(self.model))
+
+    @property
+    def skipped_steps(self) -> int:
+        """How many steps were skipped (one host sync when read)."""
+        return 0 if self._skipped is None else int(self._skipped.item())
+
+    def step(self, locate: LossFn | None = None) -> StepResult:
+        """The guarded step (see `guarded_step`), BatchNorm statistics restored on a skip.
+
+        Args:
+            locate: optional closure returning the step's loss again (forward + loss, with the
+                step's autocast inside); replayed only when the step is skipped.
+        """
+        params = self._params if self._params is not None else _optimizer_params(self.optimizer)
+        result = _step(self.optimizer, self.scaler, self.max_norm, params, snapshot=self._snapshot,
+                       locate=locate, model=self.model, rng_state=self._rng)
+        self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
+        if locate is not None and result.skipped:
+            self.findings.append((self.total_steps, result.finding))
+        self.total_steps += 1
+        self.begin()
+        return result

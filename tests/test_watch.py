@@ -144,3 +144,31 @@ def test_records_stay_bounded_without_check(monkeypatch):
 def test_watch_rejects_a_non_module():
     with pytest.raises(TypeError, match="watch: model must be a torch.nn.Module"):
         nanops.watch(None)
+
+
+@pytest.mark.parametrize("phase", ["forward", "backward"])
+@pytest.mark.parametrize("where", [1, 3])
+def test_deferred_check_finds_what_the_per_module_check_finds(phase, where):
+    findings = []
+    for defer in (False, True):
+        model = model_with(phase, where)
+        with nanops.watch(model, defer=defer) as w:
+            model(torch.randn(2, 4)).sum().backward()
+            findings.append(w.check())
+            model(torch.randn(2, 4))
+            collected, checked = (w._deferred, w._records) if defer else (w._records, w._deferred)
+            assert len(collected) == 4 and not checked  # the identity NanAt shares its input: one record
+    # backward: the NaN gradient leaves NanAt into the output of the module before it
+    assert findings[0] == findings[1] and findings[0].phase == phase
+    assert findings[0].module == str(where if phase == "forward" else where - 1)
+
+
+def test_deferred_tensors_past_the_byte_budget_are_checked_early():
+    model = model_with("forward", 3)
+    with nanops.watch(model, defer=True, max_deferred_bytes=40) as w:  # two (2, 4) float outputs
+        model(torch.randn(2, 4))
+        assert w._deferred_bytes <= 40 and len(w._records) == 2  # checked early: "0" and "2"
+        finding = w.check()
+    assert finding.module == "3" and finding.nan == 8
+    with pytest.raises(ValueError, match="max_deferred_bytes must be >= 0"):
+        nanops.watch(model, max_deferred_bytes=-1)
