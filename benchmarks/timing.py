@@ -19,9 +19,18 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
+    samples: tuple[float, ...] = ()  # per-run times in ms (interleaved runs: round by round)
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        out.pop("samples")
+        return out
+
+
+def paired_ratio(ours: Timing, base: Timing) -> float:
+    """Median over rounds of ours/base, each round's two runs taken side by side: steadier than a
+    ratio of medians on a machine whose speed drifts."""
+    return statistics.median(a / b for a, b in zip(ours.samples, base.samples, strict=True))
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -72,6 +81,38 @@ def measure(
             reset(*args)
         i += 1
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], object]],
+    device: torch.device,
+    *,
+    warmup: int = 2,
+    min_rounds: int = 8,
+    min_seconds: float = 20.0,
+    max_rounds: int = 60,
+) -> dict[str, Timing]:
+    """Times several whole steps in rounds, each round running every fn once, so that a drift of
+    the machine (other jobs, clocks) hits all of them alike; per-fn statistics in milliseconds."""
+    cuda = device.type == "cuda"
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start_all = time.perf_counter()
+    rounds = 0
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start_all < min_seconds):
+        for name, fn in fns.items():
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {name: Timing(statistics.median(v), _quantile(v, 0.2), _quantile(v, 0.8), len(v), tuple(v))
+            for name, v in times.items()}
 
 
 def rotation_count(bytes_per_input: int, cache_bytes: int = 64 << 20) -> int:

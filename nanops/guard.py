@@ -164,6 +164,7 @@ def guarded_step(
             step's own RNG state and to restore BatchNorm statistics too.
         model: the model `locate` runs (required with `locate`).
     """
+    _check_arguments(optimizer, scaler)
     if locate is not None and not isinstance(model, torch.nn.Module):
         raise ValueError("guarded_step: locate needs model= (the torch.nn.Module whose modules are named)")
     params = list(parameters) if parameters is not None else _optimizer_params(optimizer)
@@ -207,11 +208,12 @@ class Guard:
         self.total_steps = 0
         self._skipped: torch.Tensor | None = None  # running count on the device: no sync to keep it
         self.findings: list[tuple[int, Finding | None]] = []  # (step index, finding) of replayed skips
+        self._rng_devices = _cuda_devices(model)  # looked up once: a walk over the model costs ms
         self.begin()
 
     def begin(self) -> None:
         """Marks the RNG state the coming step starts from (a host-side copy, no sync)."""
-        self._rng = RngState.capture(_cuda_devices(self.model))
+        self._rng = RngState.capture(self._rng_devices)
 
     @property
     def skipped_steps(self) -> int:

@@ -28,6 +28,7 @@ def _device_of(inputs: tuple) -> torch.device:
 
 
 def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA device indices of the model's parameters (a walk over the model: not per step)."""
     return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
 
 

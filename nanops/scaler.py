@@ -50,6 +50,7 @@ class GradScaler(torch.amp.GradScaler):
         self.skipped_steps = 0
         self.total_steps = 0
         self._last_skipped = False
+        self.scale_of_last_skip: torch.Tensor | None = None  # the loss scale a skipped step's backward used
         self._snapshots: list[NormBufferSnapshot] = []
         self._on_skip: list[Callable[[], None]] = []
 
@@ -107,6 +108,8 @@ class GradScaler(torch.amp.GradScaler):
         self._last_skipped = skipped
         if skipped:
             self.skipped_steps += 1
+            if self.is_enabled():
+                self.scale_of_last_skip = self._scale.clone()  # update() is about to back it off
             for snapshot in self._snapshots:
                 snapshot.restore()
             for callback in self._on_skip:

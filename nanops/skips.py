@@ -8,9 +8,12 @@ import csv
 from dataclasses import dataclass
 from pathlib import Path
 
+from collections.abc import Callable
+
 import torch
 
-from .locate import locate_forward
+from .locate import RngState, locate_step
+from .watch import Finding
 
 SKIPPED_CSV = "nanops_skipped_steps.csv"
 
@@ -22,12 +25,25 @@ class SkippedStep:
     first_nonfinite: str
 
 
-def first_nonfinite(model: torch.nn.Module, inputs: torch.Tensor, autocast: bool) -> str:
-    """Where a skipped step went non-finite, found by replaying its forward on `inputs`."""
-    finding = locate_forward(model, inputs, autocast=autocast)
+def describe(finding: Finding | None) -> str:
+    """A Finding as the skip report writes it: "forward of model.0.conv", "backward of model.8.cv3.bn"
+    (the gradient flowing into that module's output), "loss ..." or "not reproduced ..."."""
     if finding is None:
-        return "loss or backward (every module's forward output was finite)"
-    return f"forward of {finding.module or '<root>'}"
+        return "not reproduced on replay (every module output, the loss and every gradient were finite)"
+    if finding.phase == "loss":
+        return "loss (every module's forward output was finite)"
+    return f"{finding.phase} of {finding.module or '<root>'}"
+
+
+def first_nonfinite(
+    model: torch.nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    *,
+    loss_scale: torch.Tensor | float | None = None,
+    rng_state: RngState | None = None,
+) -> str:
+    """Where a skipped step went non-finite, found by replaying its forward, loss and backward."""
+    return describe(locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state))
 
 
 class SkipReport:

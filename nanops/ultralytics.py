@@ -28,7 +28,8 @@ from . import patching
 from .clip import clip_grad_norm_
 from .ops import all_finite
 from .scaler import GradScaler
-from .skips import SkippedStep, SkipReport, first_nonfinite
+from .locate import RngState, _cuda_devices, locate_forward
+from .skips import SkippedStep, SkipReport, describe, first_nonfinite
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 
@@ -46,7 +47,9 @@ class Protection:
         self.report = SkipReport(LOGGER)
         self.scaler: GradScaler | None = None
         self._trainer = None
-        self._last_images: torch.Tensor | None = None
+        self._last_input: dict | torch.Tensor | None = None  # what the latest training forward got
+        self._rng: RngState | None = None
+        self._rng_devices: list[int] | None = None  # found at a training's first batch
         self._hook = None
 
     # --- ultralytics callbacks --------------------------------------------------------------
@@ -65,14 +68,43 @@ class Protection:
         trainer.optimizer_step = lambda: self._optimizer_step(trainer)  # this trainer object only
         trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
         self._trainer = trainer
-        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._remember_images)
+        self._rng_devices = None
+        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._remember_input)
+
+    def on_train_batch_start(self, trainer) -> None:
+        # The RNG state the batch's forward starts from (a host copy, no sync), for a replay.
+        if self._rng_devices is None:
+            self._rng_devices = _cuda_devices(_unwrap(trainer.model))
+        self._rng = RngState.capture(self._rng_devices)
 
     def on_train_batch_end(self, trainer) -> None:
         if self.scaler.skipped_steps == len(self.report.steps):
             return  # no step skipped since the last report
-        where = (first_nonfinite(_unwrap(trainer.model), self._last_images, autocast=self.scaler.is_enabled())
-                 if self._last_images is not None else "unknown")
-        self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, where), trainer.save_dir)
+        self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, self._where(trainer)),
+                        trainer.save_dir)
+
+    def _where(self, trainer) -> str:
+        """Replays the skipped step: forward and loss as the trainer ran them (the model computes
+        its loss from the batch dict), then the backward at the step's loss scale."""
+        model, batch = _unwrap(trainer.model), self._last_input
+        if batch is None:
+            return "unknown"
+        bf16 = getattr(trainer.args, "amp", None) == "bf16"
+        amp = self.scaler.is_enabled() or bf16
+        device = next(model.parameters()).device
+
+        def autocast():
+            return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else None, enabled=amp)
+
+        if not isinstance(batch, dict):  # compiled runs feed the images alone: forward only
+            return describe(locate_forward(model, batch, autocast=amp))
+
+        def loss():
+            with autocast():
+                return model(batch)[0]
+
+        scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
+        return first_nonfinite(model, loss, loss_scale=scale, rng_state=self._rng)
 
     def on_train_end(self, trainer) -> None:
         self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0)
@@ -104,28 +136,27 @@ class Protection:
             return original(epoch)
         return handle
 
-    def _remember_images(self, module, args) -> None:
+    def _remember_input(self, module, args) -> None:
         # The trained model's forward gets the batch dict (or the image tensor); keep a reference
-        # to the images of the latest training forward for a replay, no copy.
+        # to the latest training forward's for a replay, no copy.
         if self._trainer is None or module is not _unwrap(self._trainer.model) or not module.training:
             return
         x = args[0] if args else None
-        images = x.get("img") if isinstance(x, dict) else x
-        if isinstance(images, torch.Tensor):
-            self._last_images = images
+        if isinstance(x, (dict, torch.Tensor)):
+            self._last_input = x
 
     def _release(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._trainer = None
-        self._last_images = None
+        self._last_input = None
 
 
 def protect(model) -> Protection:
     """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
     returns the Protection, whose `report.steps` lists the skipped steps of the latest training."""
     protection = Protection()
-    for event in ("on_pretrain_routine_end", "on_train_batch_end", "on_train_end", "teardown"):
+    for event in ("on_pretrain_routine_end", "on_train_batch_start", "on_train_batch_end", "on_train_end", "teardown"):
         model.add_callback(event, getattr(protection, event))
     return protection

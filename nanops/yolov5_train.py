@@ -8,9 +8,12 @@ the names train.py looks up:
     *and off* and restores the BatchNorm statistics the corrupt batch's forward moved;
   * `torch.nn.utils.clip_grad_norm_`: nanops' overflow-free clip, which leaves non-finite
     grads untouched;
-  * `ModelEMA.update`: not applied after a skipped step.
-Each skipped step is logged (epoch, iteration, first non-finite module found by replaying the
-batch's forward), written to `<save_dir>/nanops_skipped_steps.csv` and summed up at the end.
+  * `ModelEMA.update`: not applied after a skipped step;
+  * `ComputeLoss`: yolov5's own, kept so that a skipped step can be replayed.
+Each skipped step is logged (epoch, iteration, and the first non-finite module, found by replaying
+the batch's forward, loss and backward from the step's RNG state and loss scale with every module
+checked; healthy steps run no hooks), written to `<save_dir>/nanops_skipped_steps.csv` and
+summed up at the end.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch
 from . import inject, patching
 from ._yolov5_env import prepare_environment, quiet_yolov5_import
 from .clip import clip_grad_norm_
+from .locate import RngState, _cuda_devices
 from .scaler import GradScaler
 from .skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
 
@@ -54,6 +58,9 @@ class Protection:
         self.report = SkipReport(quiet_yolov5_import("yolov5.utils.general").LOGGER)
         self.epoch = -1
         self._reported_before = 0
+        self.compute_loss = None
+        self._rng: RngState | None = None
+        self._rng_devices: list[int] | None = None  # found at the first batch, on the training device
 
     # --- what train.py calls --------------------------------------------------------------
     def _patched(self, build, trained: bool = False):
@@ -75,6 +82,12 @@ class Protection:
         self.scaler = scaler
         return scaler
 
+    def _loss_factory(self, cls):
+        def build(*args, **kwargs):
+            self.compute_loss = cls(*args, **kwargs)
+            return self.compute_loss
+        return build
+
     def _ema_update(self, original):
         def update(ema, model):
             if self.scaler is not None and self.scaler.last_step_skipped:
@@ -86,10 +99,28 @@ class Protection:
     def on_train_epoch_start(self) -> None:
         self.epoch += 1
 
+    def on_train_batch_start(self) -> None:
+        # The RNG state the batch's forward starts from (a host copy, no sync): a replay of a
+        # skipped step draws what the step drew.
+        if self.model is None:
+            return
+        if self._rng_devices is None:
+            self._rng_devices = _cuda_devices(self.model)
+        self._rng = RngState.capture(self._rng_devices)
+
     def on_train_batch_end(self, model, ni, imgs, targets, paths, vals) -> None:
         if self.scaler is None or self.scaler.skipped_steps == len(self.report.steps) - self._reported_before:
             return  # no step skipped since the last report
-        where = first_nonfinite(model, imgs, autocast=self.scaler.is_enabled())
+        model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+        amp = self.scaler.is_enabled()
+        device = imgs.device
+
+        def loss():  # train.py's forward and loss, on the same batch
+            with torch.autocast(device.type, enabled=amp):
+                return self.compute_loss(model(imgs), targets.to(device))[0]
+
+        where = first_nonfinite(model, loss, loss_scale=self.scaler.scale_of_last_skip if amp else None,
+                                rng_state=self._rng)
         self.report.add(SkippedStep(self.epoch, int(ni), where), self.opt.save_dir)
 
     def on_train_end(self, last, best, epoch, results) -> None:
@@ -99,7 +130,7 @@ class Protection:
         from yolov5.utils.callbacks import Callbacks
 
         callbacks = Callbacks()
-        for hook in ("on_train_epoch_start", "on_train_batch_end", "on_train_end"):
+        for hook in ("on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_end"):
             callbacks.register_action(hook, name="nanops", callback=getattr(self, hook))
         return callbacks
 
@@ -115,6 +146,7 @@ class Protection:
             (torch.cuda.amp, "GradScaler", self._scaler_factory),
             (torch.nn.utils, "clip_grad_norm_", clip_grad_norm_),
             (ModelEMA, "update", self._ema_update(ModelEMA.update)),
+            (yolov5_train, "ComputeLoss", self._loss_factory(yolov5_train.ComputeLoss)),
         ):
             yield
 

@@ -1,0 +1,138 @@
+"""One yolov5s-transformer training step: plain yolov5 vs protected by nanops, and the locators.
+
+Every variant is yolov5 train.py's step (forward, ComputeLoss, scaled backward, unscale, clip to
+10, optimizer step, scaler update, zero_grad, EMA update) with smart_optimizer's SGD:
+  * plain: yolov5's model and step, torch's clip_grad_norm_ and GradScaler;
+  * protected: the patched model (nanops attention) and nanops.Guard with a locate closure
+    (skips a non-finite step, restores BatchNorm, replays only a skipped step; healthy steps run
+    no hooks), EMA updated unless skipped;
+  * protected + always-on nanops.watch (every module checked every step);
+  * plain under torch.autograd.detect_anomaly(check_nan=True), what the NaN guides suggest.
+2x3x256x256 on CPU, 16x3x640x640 with fp16 autocast on CUDA; the variants run interleaved,
+round by round, and each ratio is the median of the per-round ratios. Target (issue 14):
+protected / plain time <= 1.00 on CPU, <= 1.02 on GPU.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import warnings
+
+import torch
+
+import nanops
+from common import bench_device, report, row
+from nanops._yolov5_env import build_transformer_model, quiet_yolov5_import
+from timing import measure_interleaved, paired_ratio
+
+TARGET = {"cpu": 1.00, "cuda": 1.02}
+
+
+def yolov5_parts(device: torch.device):
+    """yolov5s-transformer with its hyperparameters, ComputeLoss, SGD (smart_optimizer) and EMA."""
+    import yaml
+
+    torch_utils = quiet_yolov5_import("yolov5.utils.torch_utils")
+    loss_module = quiet_yolov5_import("yolov5.utils.loss")
+    from nanops._yolov5_env import transformer_yaml
+
+    hyp_path = transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml"
+    hyp = yaml.safe_load(hyp_path.read_text())
+    torch.manual_seed(0)
+    model = build_transformer_model().to(device).train()
+    model.hyp = hyp
+
+    def parts(m):
+        optimizer = torch_utils.smart_optimizer(m, "SGD", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+        return optimizer, loss_module.ComputeLoss(m), torch_utils.ModelEMA(m)
+
+    return model, parts
+
+
+def batch(device: torch.device):
+    n, size = (16, 640) if device.type == "cuda" else (2, 256)
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(n, 3, size, size, generator=g).to(device)
+    boxes = 8
+    targets = torch.cat([torch.arange(n).repeat_interleave(boxes)[:, None].float(),
+                         torch.randint(0, 80, (n * boxes, 1), generator=g).float(),
+                         0.2 + 0.6 * torch.rand(n * boxes, 2, generator=g),
+                         0.05 + 0.2 * torch.rand(n * boxes, 2, generator=g)], 1).to(device)
+    return images, targets
+
+
+def main(argv=None) -> list[dict]:
+    device = bench_device()
+    amp = device.type == "cuda"
+    images, targets = batch(device)
+    base, parts = yolov5_parts(device)
+    plain_model, ours_model = base, copy.deepcopy(base)
+    nanops.patch(ours_model)
+    plain_opt, plain_loss, plain_ema = parts(plain_model)
+    ours_opt, ours_loss, ours_ema = parts(ours_model)
+    plain_scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    ours_scaler = torch.amp.GradScaler(device.type, enabled=amp)
+    guard = nanops.Guard(ours_model, ours_opt, ours_scaler, max_norm=10.0)
+
+    def forward_loss(model, compute_loss):
+        with torch.autocast(device.type, enabled=amp):
+            return compute_loss(model(images), targets)[0]
+
+    def plain_step():
+        plain_scaler.scale(forward_loss(plain_model, plain_loss)).backward()
+        plain_scaler.unscale_(plain_opt)
+        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), max_norm=10.0)
+        plain_scaler.step(plain_opt)
+        plain_scaler.update()
+        plain_opt.zero_grad()
+        plain_ema.update(plain_model)
+
+    def protected_step():
+        guard.begin()
+        ours_scaler.scale(forward_loss(ours_model, ours_loss)).backward()
+        result = guard.step(locate=lambda: forward_loss(ours_model, ours_loss))
+        if not result.skipped:
+            ours_ema.update(ours_model)
+
+    watcher = None
+
+    def watched_step():
+        protected_step()
+        watcher.check()
+
+    def anomaly_step():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Anomaly Detection has been enabled", every call
+            with torch.autograd.detect_anomaly(check_nan=True):
+                plain_step()
+
+    # Always-on watch installs process-wide hooks: timed in its own interleaved pair so that it
+    # does not slow the other variants down.
+    main_times = measure_interleaved({"plain": plain_step, "protected": protected_step, "anomaly": anomaly_step},
+                                     device, min_rounds=15, min_seconds=30.0)
+    watcher = nanops.watch(ours_model)
+    watch_times = measure_interleaved({"plain": plain_step, "watched": watched_step}, device)
+    watcher.remove()
+    assert guard.total_steps > 0 and guard.skipped_steps == 0, "a benchmark step was skipped"
+
+    shape = f"{images.shape[0]}x{images.shape[2]}px" + (" fp16 autocast" if amp else "")
+    target = TARGET[device.type]
+    plain, protected = main_times["plain"], main_times["protected"]
+    ratio = paired_ratio(protected, plain)
+    rows = [
+        row(f"train step {shape}: protected (Guard + locate)", "plain yolov5 step", plain, protected,
+            time_ratio=ratio, target_time_ratio=target, met=ratio <= target),
+        row(f"train step {shape}: protected + always-on watch", "plain yolov5 step", watch_times["plain"],
+            watch_times["watched"], time_ratio=paired_ratio(watch_times["watched"], watch_times["plain"])),
+        row(f"train step {shape}: protected (Guard + locate)", "plain step under detect_anomaly",
+            main_times["anomaly"], protected, anomaly_time_ratio=paired_ratio(main_times["anomaly"], plain)),
+    ]
+    report("step", f"yolov5s-transformer training step on {device}", device, rows)
+    print(f"protected / plain = {rows[0]['time_ratio']:.3f} (target <= {target:.2f}: "
+          f"{'met' if rows[0]['met'] else 'NOT met'}); protected+watch / plain = {rows[1]['time_ratio']:.3f}; "
+          f"detect_anomaly / plain = {rows[2]['anomaly_time_ratio']:.2f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
