@@ -44,7 +44,8 @@ def _extension():
     # One source list for every build: the same globs drive CMakeLists.txt.
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # Kernels in .cu (nvcc; no torch headers, see csrc/cuda/launch.h), their host sides in .cpp.
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 
     debug = os.environ.get("NANOPS_DEBUG") == "1"
     opt = ["-O0", "-g"] if debug else ["-O3"]

@@ -1,34 +1,26 @@
 // CUDA kernels of the grad-norm ops. No host synchronisation anywhere: inv_scale, found_inf,
 // the norm and the clip coefficient live on the device from start to end, so a whole clip
-// step can be captured in a CUDA graph.
+// step can be captured in a CUDA graph. Host side: grad_norm_host.cpp.
 //
 //   grad_norm_summary:        multi-tensor partials (one row per chunk) -> one-block combine
 //   clip_coef_from_summaries: one thread folds the few per-device/per-rank rows into norm + coef
 //   scale_tensors_:           multi-tensor in-place multiply, a no-op when coef == 1
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
-#include <limits>
-
 #include "cuda/block_reduce.cuh"
+#include "cuda/launch.h"
 #include "cuda/multi_tensor_apply.cuh"
 #include "norm_math.h"
-#include "tensor_list.h"
 
-namespace nanops {
+namespace nanops::cuda {
 namespace {
 
 constexpr int kCombineThreads = 512;
 
-// A one-element float32 or float64 device tensor read inside a kernel.
+// A ScalarArg read inside a kernel.
 struct DeviceScalar {
   const void* data;  // nullptr: the value is 1
   bool is_double;
+
+  explicit DeviceScalar(ScalarArg arg) : data(arg.data), is_double(arg.is_double) {}
 
   __device__ __forceinline__ double get() const {
     if (data == nullptr) return 1.0;
@@ -44,11 +36,11 @@ struct NormPartialOp {
 
   template <typename T>
   __device__ void operator()(T* data, int64_t n, int64_t /*tensor_index*/, int64_t chunk_id) const {
-    __shared__ double scratch[cuda::kWarpSize];
+    __shared__ double scratch[kWarpSize];
     const double s = inv_scale.get();
     // Fast pass: direct float64 sum of |x s|^p, max, and a NaN-poisoned sentinel for non-finite values.
     double acc = 0.0, amax = 0.0, bad = 0.0;
-    cuda::for_each_element(data, n, [&](T x) {
+    for_each_element(data, n, [&](T x) {
       const double v = fabs(static_cast<double>(x) * s);
       bad += v - v;
       amax = v > amax ? v : amax;
@@ -59,17 +51,17 @@ struct NormPartialOp {
       }
     });
     const bool nonfinite = __syncthreads_or(bad != 0.0 || isnan(bad));
-    amax = cuda::block_reduce(amax, cuda::MaxOp{}, 0.0, scratch);
+    amax = block_reduce(amax, MaxOp{}, 0.0, scratch);
     const bool summed = kind == NormKind::One || kind == NormKind::Two || kind == NormKind::General;
     NormPartial out{1.0, 0.0, amax, 0.0, 0.0};
     if (!nonfinite && !(summed && amax > 0.0 && !direct_sum_ok(amax, p))) {
-      out.rel = cuda::block_reduce(acc, cuda::SumOp{}, 0.0, scratch);
+      out.rel = block_reduce(acc, SumOp{}, 0.0, scratch);
       if (summed && out.rel == 0.0) out.scale = 0.0;
     } else {
       // Exact path (rare): flags, max over finite values, then the sum relative to that max.
       int nan = 0, inf = 0;
       double finite_max = 0.0, count = 0.0;
-      cuda::for_each_element(data, n, [&](T x) {
+      for_each_element(data, n, [&](T x) {
         const double v = fabs(static_cast<double>(x) * s);
         nan |= isnan(v);
         inf |= isinf(v);
@@ -78,19 +70,19 @@ struct NormPartialOp {
       });
       out.has_nan = __syncthreads_or(nan) ? 1.0 : 0.0;
       out.has_inf = __syncthreads_or(inf) ? 1.0 : 0.0;
-      out.amax = cuda::block_reduce(finite_max, cuda::MaxOp{}, 0.0, scratch);
+      out.amax = block_reduce(finite_max, MaxOp{}, 0.0, scratch);
       if (kind == NormKind::Zero) {
-        out.rel = cuda::block_reduce(count, cuda::SumOp{}, 0.0, scratch);
+        out.rel = block_reduce(count, SumOp{}, 0.0, scratch);
       } else if (summed) {
         out.scale = out.amax;
         double rel = 0.0;
         if (out.amax > 0.0) {
-          cuda::for_each_element(data, n, [&](T x) {
+          for_each_element(data, n, [&](T x) {
             const double v = fabs(static_cast<double>(x) * s);
             if (isfinite(v)) rel += pow_p(v / out.amax, kind, p);
           });
         }
-        out.rel = cuda::block_reduce(rel, cuda::SumOp{}, 0.0, scratch);
+        out.rel = block_reduce(rel, SumOp{}, 0.0, scratch);
       }
     }
     if (threadIdx.x == 0) {
@@ -107,7 +99,7 @@ struct NormPartialOp {
 // One block folds all chunk partials into the (kSummaryFields,) summary.
 __global__ void __launch_bounds__(kCombineThreads)
     combine_partials_kernel(const double* __restrict__ rows, int64_t n, NormKind kind, double p, double* out) {
-  __shared__ double scratch[cuda::kWarpSize];
+  __shared__ double scratch[kWarpSize];
   double scale = 0.0, amax = 0.0;
   int nan = 0, inf = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -117,8 +109,8 @@ __global__ void __launch_bounds__(kCombineThreads)
     nan |= r[3] != 0.0;
     inf |= r[4] != 0.0;
   }
-  scale = cuda::block_reduce(scale, cuda::MaxOp{}, 0.0, scratch);
-  amax = cuda::block_reduce(amax, cuda::MaxOp{}, 0.0, scratch);
+  scale = block_reduce(scale, MaxOp{}, 0.0, scratch);
+  amax = block_reduce(amax, MaxOp{}, 0.0, scratch);
   const bool any_nan = __syncthreads_or(nan);
   const bool any_inf = __syncthreads_or(inf);
   double rel = 0.0;
@@ -126,7 +118,7 @@ __global__ void __launch_bounds__(kCombineThreads)
     const double* r = rows + i * kSummaryFields;
     rel += kind == NormKind::Zero ? r[1] : rescaled(r[1], r[0], scale, kind, p);
   }
-  rel = cuda::block_reduce(rel, cuda::SumOp{}, 0.0, scratch);
+  rel = block_reduce(rel, SumOp{}, 0.0, scratch);
   if (threadIdx.x == 0) {
     out[0] = (kind == NormKind::Zero || kind == NormKind::Inf) ? 1.0 : scale;
     out[1] = rel;
@@ -154,90 +146,53 @@ struct ScaleOp {
 
   template <typename T>
   __device__ void operator()(T* data, int64_t n, int64_t /*tensor_index*/, int64_t /*chunk_id*/) const {
-    using acc_t = typename cuda::AccType<T>::type;
+    using acc_t = typename AccType<T>::type;
     const double c = *coef;
     if (c == 1.0) return;  // nothing to clip or unscale: no write traffic at all
     const acc_t factor = static_cast<acc_t>(c);
-    cuda::transform_elements(data, n, [&](T x) { return static_cast<T>(static_cast<acc_t>(x) * factor); });
+    transform_elements(data, n, [&](T x) { return static_cast<T>(static_cast<acc_t>(x) * factor); });
   }
 };
 
-DeviceScalar device_scalar(const std::optional<at::Tensor>& t, const char* op, const char* name,
-                           const c10::Device& device) {
-  check_scalar_tensor(t, op, name, device);
-  if (!t.has_value()) return DeviceScalar{nullptr, false};
-  return DeviceScalar{t->const_data_ptr(), t->scalar_type() == at::kDouble};
-}
-
-at::Tensor grad_norm_summary_cuda(at::TensorList tensors, double norm_type, const std::optional<at::Tensor>& inv_scale) {
-  TORCH_CHECK(!tensors.empty(), "grad_norm_summary: empty tensor list");
-  TORCH_CHECK(norm_type >= 0.0, "grad_norm_summary: norm_type must be >= 0 or inf, got ", norm_type);
-  check_tensor_list(tensors, "grad_norm_summary", IntegerTensors::Reject);
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  const DeviceScalar s = device_scalar(inv_scale, "grad_norm_summary", "inv_scale", tensors[0].device());
-  const NormKind kind = norm_kind(norm_type);
-  std::vector<at::Tensor> copies;
-  const std::vector<FlatView> views = flat_views(tensors, copies);
-  const auto options = tensors[0].options().dtype(at::kDouble);
-  const int64_t num_partials = cuda::total_chunks(views);
-  at::Tensor partials = at::empty({std::max<int64_t>(num_partials, 1), kSummaryFields}, options);
-  at::Tensor summary = at::empty({kSummaryFields}, options);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cuda::multi_tensor_apply(views, stream, NormPartialOp{kind, norm_type, s, partials.data_ptr<double>()});
-  combine_partials_kernel<<<1, kCombineThreads, 0, stream>>>(partials.const_data_ptr<double>(), num_partials, kind,
-                                                              norm_type, summary.data_ptr<double>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return summary;
-}
-
-std::tuple<at::Tensor, at::Tensor> clip_coef_from_summaries_cuda(
-    const at::Tensor& summaries, double norm_type, double max_norm, const std::optional<at::Tensor>& inv_scale,
-    const std::optional<at::Tensor>& found_inf, c10::ScalarType norm_dtype) {
-  check_norm_summaries(summaries, kSummaryFields);
-  const c10::cuda::CUDAGuard guard(summaries.device());
-  const DeviceScalar s = device_scalar(inv_scale, "clip_coef_from_summaries", "inv_scale", summaries.device());
-  device_scalar(found_inf, "clip_coef_from_summaries", "found_inf", summaries.device());
-  float* found_f = nullptr;
-  double* found_d = nullptr;
-  if (found_inf.has_value()) {
-    if (found_inf->scalar_type() == at::kDouble) {
-      found_d = found_inf->data_ptr<double>();
-    } else {
-      found_f = found_inf->data_ptr<float>();
-    }
-  }
-  const at::Tensor rows = summaries.contiguous();
-  at::Tensor total_norm = at::empty({}, summaries.options().dtype(norm_dtype));
-  at::Tensor coef = at::empty({}, summaries.options());
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, norm_dtype, "clip_coef_from_summaries_cuda", [&] {
-    clip_coef_kernel<scalar_t><<<1, 1, 0, stream>>>(rows.const_data_ptr<double>(), rows.size(0), norm_kind(norm_type),
-                                                    norm_type, max_norm, s, found_f, found_d,
-                                                    static_cast<double>(std::numeric_limits<scalar_t>::max()),
-                                                    total_norm.data_ptr<scalar_t>(), coef.data_ptr<double>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {total_norm, coef};
-}
-
-void scale_tensors_cuda(at::TensorList tensors, const at::Tensor& coef) {
-  if (tensors.empty()) return;
-  check_tensor_list(tensors, "scale_tensors_", IntegerTensors::Reject);
-  check_scale_coef(coef, tensors[0].device());
-  const c10::cuda::CUDAGuard guard(tensors[0].device());
-  std::vector<at::Tensor> unused;
-  std::vector<int64_t> non_dense;
-  const std::vector<FlatView> views = flat_views(tensors, unused, &non_dense);
-  for (const int64_t i : non_dense) tensors[i].mul_(coef);
-  cuda::multi_tensor_apply(views, c10::cuda::getCurrentCUDAStream(), ScaleOp{coef.const_data_ptr<double>()});
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nanops, CUDA, m) {
-  m.impl("grad_norm_summary", &grad_norm_summary_cuda);
-  m.impl("clip_coef_from_summaries", &clip_coef_from_summaries_cuda);
-  m.impl("scale_tensors_", &scale_tensors_cuda);
+cudaError_t launch_grad_norm_summary(const std::vector<DeviceView>& views, NormKind kind, double p,
+                                     ScalarArg inv_scale, double* partials, double* summary, cudaStream_t stream) {
+  if (const cudaError_t err = multi_tensor_apply(views, stream, NormPartialOp{kind, p, DeviceScalar(inv_scale), partials});
+      err != cudaSuccess) {
+    return err;
+  }
+  combine_partials_kernel<<<1, kCombineThreads, 0, stream>>>(partials, total_chunks(views), kind, p, summary);
+  return cudaGetLastError();
 }
 
-}  // namespace nanops
+cudaError_t launch_clip_coef(const double* rows, int64_t n, NormKind kind, double p, double max_norm,
+                             ScalarArg inv_scale, float* found_inf_f, double* found_inf_d, ElemType norm_type,
+                             double norm_max, void* total_norm, double* coef, cudaStream_t stream) {
+  const DeviceScalar s(inv_scale);
+  switch (norm_type) {
+    case ElemType::Float:
+      clip_coef_kernel<<<1, 1, 0, stream>>>(rows, n, kind, p, max_norm, s, found_inf_f, found_inf_d, norm_max,
+                                            static_cast<float*>(total_norm), coef);
+      break;
+    case ElemType::Double:
+      clip_coef_kernel<<<1, 1, 0, stream>>>(rows, n, kind, p, max_norm, s, found_inf_f, found_inf_d, norm_max,
+                                            static_cast<double*>(total_norm), coef);
+      break;
+    case ElemType::Half:
+      clip_coef_kernel<<<1, 1, 0, stream>>>(rows, n, kind, p, max_norm, s, found_inf_f, found_inf_d, norm_max,
+                                            static_cast<c10::Half*>(total_norm), coef);
+      break;
+    case ElemType::BFloat16:
+      clip_coef_kernel<<<1, 1, 0, stream>>>(rows, n, kind, p, max_norm, s, found_inf_f, found_inf_d, norm_max,
+                                            static_cast<c10::BFloat16*>(total_norm), coef);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale_tensors(const std::vector<DeviceView>& views, const double* coef, cudaStream_t stream) {
+  return multi_tensor_apply(views, stream, ScaleOp{coef});
+}
+
+}  // namespace nanops::cuda

@@ -7,7 +7,6 @@
 // carries its dtype and the kernel switches on it once per block.
 #pragma once
 
-#include <c10/cuda/CUDAException.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <cuda_runtime.h>
@@ -15,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "tensor_list.h"
+#include "cuda/launch.h"
 
 namespace nanops::cuda {
 
@@ -29,20 +28,14 @@ struct TensorListMeta {
   void* data[kMaxTensorsPerLaunch];
   int64_t numel[kMaxTensorsPerLaunch];
   int32_t index[kMaxTensorsPerLaunch];  // position in the caller's list
-  uint8_t dtype[kMaxTensorsPerLaunch];  // c10::ScalarType
+  ElemType type[kMaxTensorsPerLaunch];
   int16_t chunk_slot[kMaxChunksPerLaunch];      // tensor slot of each block's chunk
   int32_t chunk_in_tensor[kMaxChunksPerLaunch];  // chunk number within that tensor
   int64_t first_chunk_id;  // global number of this launch's first chunk (for partial buffers)
 };
 static_assert(sizeof(TensorListMeta) <= 4096, "kernel parameter block too large");
 
-inline int64_t num_chunks(const FlatView& view) { return (view.numel + kChunkSize - 1) / kChunkSize; }
-
-inline int64_t total_chunks(const std::vector<FlatView>& views) {
-  int64_t total = 0;
-  for (const FlatView& v : views) total += num_chunks(v);
-  return total;
-}
+inline int64_t num_chunks(const DeviceView& view) { return (view.numel + kChunkSize - 1) / kChunkSize; }
 
 // Op must provide: template <typename T> __device__ void operator()(T* chunk, int64_t n,
 // int64_t tensor_index, int64_t chunk_id) const, called by all threads of the block.
@@ -53,47 +46,46 @@ __global__ void __launch_bounds__(kBlockThreads) multi_tensor_kernel(TensorListM
   const int64_t n = min(kChunkSize, meta.numel[slot] - begin);
   const int64_t index = meta.index[slot];
   const int64_t chunk_id = meta.first_chunk_id + blockIdx.x;
-  switch (static_cast<c10::ScalarType>(meta.dtype[slot])) {
-    case c10::ScalarType::Float:
+  switch (meta.type[slot]) {
+    case ElemType::Float:
       op(static_cast<float*>(meta.data[slot]) + begin, n, index, chunk_id);
       break;
-    case c10::ScalarType::Half:
+    case ElemType::Half:
       op(static_cast<c10::Half*>(meta.data[slot]) + begin, n, index, chunk_id);
       break;
-    case c10::ScalarType::BFloat16:
+    case ElemType::BFloat16:
       op(static_cast<c10::BFloat16*>(meta.data[slot]) + begin, n, index, chunk_id);
       break;
-    case c10::ScalarType::Double:
+    case ElemType::Double:
       op(static_cast<double*>(meta.data[slot]) + begin, n, index, chunk_id);
       break;
-    default:
-      break;  // flat_views admits only the four types above
   }
 }
 
 // Launches multi_tensor_kernel over every chunk of `views`, as few launches as the parameter
-// tables allow. Chunk ids run 0 .. total_chunks(views)-1 in list order.
+// tables allow. Chunk ids run 0 .. total_chunks(views)-1 in list order. Returns the first
+// launch error (later launches are not made).
 template <typename Op>
-void multi_tensor_apply(const std::vector<FlatView>& views, cudaStream_t stream, const Op& op) {
+cudaError_t multi_tensor_apply(const std::vector<DeviceView>& views, cudaStream_t stream, const Op& op) {
   TensorListMeta meta;
   meta.first_chunk_id = 0;
   int num_tensors = 0;
   int num_chunks_in_launch = 0;
   auto launch = [&] {
     multi_tensor_kernel<<<num_chunks_in_launch, kBlockThreads, 0, stream>>>(meta, op);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     meta.first_chunk_id += num_chunks_in_launch;
     num_tensors = 0;
     num_chunks_in_launch = 0;
+    return cudaGetLastError();
   };
-  for (const FlatView& view : views) {
+  for (const DeviceView& view : views) {
     int slot = -1;
     const int64_t chunks = num_chunks(view);
     for (int64_t c = 0; c < chunks; ++c) {
       const bool tables_full = num_chunks_in_launch == kMaxChunksPerLaunch ||
                                (slot < 0 && num_tensors == kMaxTensorsPerLaunch);
       if (tables_full) {
-        launch();
+        if (const cudaError_t err = launch(); err != cudaSuccess) return err;
         slot = -1;  // a tensor split across launches takes a fresh slot in the next one
       }
       if (slot < 0) {
@@ -101,16 +93,14 @@ void multi_tensor_apply(const std::vector<FlatView>& views, cudaStream_t stream,
         meta.data[slot] = view.data;
         meta.numel[slot] = view.numel;
         meta.index[slot] = static_cast<int32_t>(view.index);
-        meta.dtype[slot] = static_cast<uint8_t>(view.dtype);
+        meta.type[slot] = view.type;
       }
       meta.chunk_slot[num_chunks_in_launch] = static_cast<int16_t>(slot);
       meta.chunk_in_tensor[num_chunks_in_launch] = static_cast<int32_t>(c);
       ++num_chunks_in_launch;
     }
   }
-  if (num_chunks_in_launch > 0) {
-    launch();
-  }
+  return num_chunks_in_launch > 0 ? launch() : cudaSuccess;
 }
 
 // Visits the n elements of a chunk, each thread a strided share, with 16-byte loads when the

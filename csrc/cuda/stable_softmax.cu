@@ -1,26 +1,19 @@
-// CUDA kernels of nanops::stable_softmax and its backward.
+// CUDA kernels of nanops::stable_softmax and its backward. Host side: stable_softmax_host.cpp.
 //
 // Rows up to 1024 long: one warp per row, the row held in registers, so every element is read
 // once and written once. Longer rows: one block per row, an online max/sum pass and a write
 // pass (the second read mostly hits L2). Scale and mask are applied as the logits are loaded.
-#include <ATen/Dispatch.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
-
 #include <algorithm>
+#include <type_traits>
 
 #include "cuda/block_reduce.cuh"
+#include "cuda/launch.h"
 #include "cuda/multi_tensor_apply.cuh"
-#include "softmax_problem.h"
+#include "softmax_mask.h"
 
-namespace nanops {
+namespace nanops::cuda {
 namespace {
 
-using cuda::kWarpSize;
 constexpr int kRowsPerWarpBlock = 4;
 constexpr int kWarpBlockThreads = kRowsPerWarpBlock * kWarpSize;
 constexpr int kMaxWarpRowLen = 1024;
@@ -73,8 +66,8 @@ struct RowRule {
 template <typename T, int kPerThread>
 __global__ void __launch_bounds__(kWarpBlockThreads)
     softmax_forward_warp(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int len,
-                         MaskedLogits<T, typename cuda::AccType<T>::type> logits) {
-  using acc_t = typename cuda::AccType<T>::type;
+                         MaskedLogits<T, typename AccType<T>::type> logits) {
+  using acc_t = typename AccType<T>::type;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
   if (row >= rows) return;  // uniform per warp
   const int lane = threadIdx.x % kWarpSize;
@@ -91,13 +84,13 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
     pos_inf += z[i] == infinity<acc_t>();
     max = z[i] > max ? z[i] : max;
   }
-  RowRule<acc_t> rule{__any_sync(0xffffffffu, nan) != 0, cuda::warp_reduce(max, cuda::MaxOp{}),
-                      cuda::warp_reduce(pos_inf, cuda::SumOp{}), acc_t(0)};
+  RowRule<acc_t> rule{__any_sync(0xffffffffu, nan) != 0, warp_reduce(max, MaxOp{}),
+                      warp_reduce(pos_inf, SumOp{}), acc_t(0)};
   if (!rule.nan && rule.pos_inf == 0 && rule.max != -infinity<acc_t>()) {
     acc_t sum = 0;
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i) sum += exp(z[i] - rule.max);  // padding lanes add exp(-inf) = 0
-    rule.inv_sum = acc_t(1) / cuda::warp_reduce(sum, cuda::SumOp{});
+    rule.inv_sum = acc_t(1) / warp_reduce(sum, SumOp{});
   }
   T* yr = y + row * len;
 #pragma unroll
@@ -110,8 +103,8 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
 template <typename T>
 __global__ void __launch_bounds__(kRowBlockThreads)
     softmax_forward_block(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t len,
-                          MaskedLogits<T, typename cuda::AccType<T>::type> logits) {
-  using acc_t = typename cuda::AccType<T>::type;
+                          MaskedLogits<T, typename AccType<T>::type> logits) {
+  using acc_t = typename AccType<T>::type;
   __shared__ acc_t scratch[kWarpSize];
   __shared__ int int_scratch[kWarpSize];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -133,10 +126,10 @@ __global__ void __launch_bounds__(kRowBlockThreads)
         sum += exp(z - max);
       }
     }
-    RowRule<acc_t> rule{__syncthreads_or(nan) != 0, cuda::block_reduce(max, cuda::MaxOp{}, -infinity<acc_t>(), scratch),
-                        cuda::block_reduce(pos_inf, cuda::SumOp{}, 0, int_scratch), acc_t(0)};
+    RowRule<acc_t> rule{__syncthreads_or(nan) != 0, block_reduce(max, MaxOp{}, -infinity<acc_t>(), scratch),
+                        block_reduce(pos_inf, SumOp{}, 0, int_scratch), acc_t(0)};
     const acc_t my_share = max == -infinity<acc_t>() ? acc_t(0) : sum * exp(max - rule.max);
-    const acc_t total = cuda::block_reduce(my_share, cuda::SumOp{}, acc_t(0), scratch);
+    const acc_t total = block_reduce(my_share, SumOp{}, acc_t(0), scratch);
     rule.inv_sum = acc_t(1) / total;
     T* yr = y + row * len;
     for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
@@ -148,8 +141,8 @@ __global__ void __launch_bounds__(kRowBlockThreads)
 template <typename T, int kPerThread>
 __global__ void __launch_bounds__(kWarpBlockThreads)
     softmax_backward_warp(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ grad_x,
-                          int64_t rows, int len, typename cuda::AccType<T>::type scale) {
-  using acc_t = typename cuda::AccType<T>::type;
+                          int64_t rows, int len, typename AccType<T>::type scale) {
+  using acc_t = typename AccType<T>::type;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerWarpBlock + threadIdx.x / kWarpSize;
   if (row >= rows) return;
   const int lane = threadIdx.x % kWarpSize;
@@ -162,7 +155,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
     p[i] = j < len ? static_cast<acc_t>(y[row * len + j]) : acc_t(0);
     dot += g[i] * p[i];
   }
-  dot = cuda::warp_reduce(dot, cuda::SumOp{});
+  dot = warp_reduce(dot, SumOp{});
 #pragma unroll
   for (int i = 0; i < kPerThread; ++i) {
     const int j = lane + i * kWarpSize;
@@ -173,8 +166,8 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
 template <typename T>
 __global__ void __launch_bounds__(kRowBlockThreads)
     softmax_backward_block(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ grad_x,
-                           int64_t rows, int64_t len, typename cuda::AccType<T>::type scale) {
-  using acc_t = typename cuda::AccType<T>::type;
+                           int64_t rows, int64_t len, typename AccType<T>::type scale) {
+  using acc_t = typename AccType<T>::type;
   __shared__ acc_t scratch[kWarpSize];
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * len;
@@ -182,7 +175,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
       dot += static_cast<acc_t>(grad_y[base + j]) * static_cast<acc_t>(y[base + j]);
     }
-    dot = cuda::block_reduce(dot, cuda::SumOp{}, acc_t(0), scratch);
+    dot = block_reduce(dot, SumOp{}, acc_t(0), scratch);
     for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
       const acc_t p = static_cast<acc_t>(y[base + j]);
       grad_x[base + j] = static_cast<T>(scale * p * (static_cast<acc_t>(grad_y[base + j]) - dot));
@@ -213,64 +206,71 @@ void with_elems_per_lane(int64_t len, Launch&& launch) {
 unsigned warp_grid(int64_t rows) { return static_cast<unsigned>((rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock); }
 unsigned block_grid(int64_t rows) { return static_cast<unsigned>(std::min(rows, kMaxRowBlocks)); }
 
-at::Tensor stable_softmax_cuda(const at::Tensor& x, int64_t dim, double scale, const std::optional<at::Tensor>& mask) {
-  const c10::cuda::CUDAGuard guard(x.device());
-  const SoftmaxProblem p = make_softmax_problem(x, dim, mask);
-  at::Tensor out = at::empty(p.x.sizes(), p.x.options());
-  if (p.rows == 0) return restore_softmax_layout(out, p);
-  TORCH_CHECK(p.rows / kRowsPerWarpBlock < (int64_t{1} << 31), "stable_softmax: too many rows (", p.rows, ")");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "stable_softmax_cuda", [&] {
-    using acc_t = typename cuda::AccType<scalar_t>::type;
-    const MaskedLogits<scalar_t, acc_t> logits{static_cast<acc_t>(scale), p.mask_kind,
-                                     p.mask_kind == MaskKind::None ? nullptr : p.mask.const_data_ptr(), p.mask_index};
-    const scalar_t* xs = p.x.const_data_ptr<scalar_t>();
-    scalar_t* ys = out.data_ptr<scalar_t>();
-    if (p.len <= kMaxWarpRowLen) {
-      with_elems_per_lane(p.len, [&](auto k) {
-        softmax_forward_warp<scalar_t, decltype(k)::value><<<warp_grid(p.rows), kWarpBlockThreads, 0, stream>>>(
-            xs, ys, p.rows, static_cast<int>(p.len), logits);
-      });
-    } else {
-      softmax_forward_block<scalar_t><<<block_grid(p.rows), kRowBlockThreads, 0, stream>>>(xs, ys, p.rows, p.len, logits);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return restore_softmax_layout(out, p);
+template <typename T>
+void softmax_forward(const void* x, void* y, int64_t rows, int64_t len, double scale, MaskKind mask_kind,
+                     const void* mask, const MaskIndexer& mask_index, cudaStream_t stream) {
+  using acc_t = typename AccType<T>::type;
+  const MaskedLogits<T, acc_t> logits{static_cast<acc_t>(scale), mask_kind, mask, mask_index};
+  const T* xs = static_cast<const T*>(x);
+  T* ys = static_cast<T*>(y);
+  if (len <= kMaxWarpRowLen) {
+    with_elems_per_lane(len, [&](auto k) {
+      softmax_forward_warp<T, decltype(k)::value><<<warp_grid(rows), kWarpBlockThreads, 0, stream>>>(
+          xs, ys, rows, static_cast<int>(len), logits);
+    });
+  } else {
+    softmax_forward_block<T><<<block_grid(rows), kRowBlockThreads, 0, stream>>>(xs, ys, rows, len, logits);
+  }
 }
 
-at::Tensor stable_softmax_backward_cuda(const at::Tensor& grad_y, const at::Tensor& y, int64_t dim, double scale) {
-  const c10::cuda::CUDAGuard guard(y.device());
-  at::Tensor y_last;
-  const SoftmaxProblem p = make_softmax_backward_problem(grad_y, y, dim, y_last);
-  at::Tensor grad_x = at::empty(p.x.sizes(), p.x.options());
-  if (p.rows == 0) return restore_softmax_layout(grad_x, p);
-  TORCH_CHECK(p.rows / kRowsPerWarpBlock < (int64_t{1} << 31), "stable_softmax_backward: too many rows (", p.rows, ")");
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.x.scalar_type(), "stable_softmax_backward_cuda", [&] {
-    using acc_t = typename cuda::AccType<scalar_t>::type;
-    const scalar_t* gs = p.x.const_data_ptr<scalar_t>();
-    const scalar_t* ys = y_last.const_data_ptr<scalar_t>();
-    scalar_t* out = grad_x.data_ptr<scalar_t>();
-    if (p.len <= kMaxWarpRowLen) {
-      with_elems_per_lane(p.len, [&](auto k) {
-        softmax_backward_warp<scalar_t, decltype(k)::value><<<warp_grid(p.rows), kWarpBlockThreads, 0, stream>>>(
-            gs, ys, out, p.rows, static_cast<int>(p.len), static_cast<acc_t>(scale));
-      });
-    } else {
-      softmax_backward_block<scalar_t><<<block_grid(p.rows), kRowBlockThreads, 0, stream>>>(
-          gs, ys, out, p.rows, p.len, static_cast<acc_t>(scale));
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return restore_softmax_layout(grad_x, p);
+template <typename T>
+void softmax_backward(const void* grad_y, const void* y, void* grad_x, int64_t rows, int64_t len, double scale,
+                      cudaStream_t stream) {
+  using acc_t = typename AccType<T>::type;
+  const T* gs = static_cast<const T*>(grad_y);
+  const T* ys = static_cast<const T*>(y);
+  T* out = static_cast<T*>(grad_x);
+  if (len <= kMaxWarpRowLen) {
+    with_elems_per_lane(len, [&](auto k) {
+      softmax_backward_warp<T, decltype(k)::value><<<warp_grid(rows), kWarpBlockThreads, 0, stream>>>(
+          gs, ys, out, rows, static_cast<int>(len), static_cast<acc_t>(scale));
+    });
+  } else {
+    softmax_backward_block<T><<<block_grid(rows), kRowBlockThreads, 0, stream>>>(gs, ys, out, rows, len,
+                                                                                 static_cast<acc_t>(scale));
+  }
+}
+
+// Calls fn(T{}) with the C++ type of `type`.
+template <typename Fn>
+void with_elem_type(ElemType type, Fn&& fn) {
+  switch (type) {
+    case ElemType::Float: fn(float{}); break;
+    case ElemType::Double: fn(double{}); break;
+    case ElemType::Half: fn(c10::Half{}); break;
+    case ElemType::BFloat16: fn(c10::BFloat16{}); break;
+  }
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nanops, CUDA, m) {
-  m.impl("stable_softmax", &stable_softmax_cuda);
-  m.impl("stable_softmax_backward", &stable_softmax_backward_cuda);
+bool softmax_rows_fit(int64_t rows) {
+  return rows >= 0 && (rows + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock <= int64_t{0x7fffffff};
 }
 
-}  // namespace nanops
+cudaError_t launch_softmax_forward(ElemType type, const void* x, void* y, int64_t rows, int64_t len, double scale,
+                                   MaskKind mask_kind, const void* mask, const MaskIndexer& mask_index,
+                                   cudaStream_t stream) {
+  with_elem_type(type, [&](auto t) {
+    softmax_forward<decltype(t)>(x, y, rows, len, scale, mask_kind, mask, mask_index, stream);
+  });
+  return cudaGetLastError();
+}
+
+cudaError_t launch_softmax_backward(ElemType type, const void* grad_y, const void* y, void* grad_x, int64_t rows,
+                                    int64_t len, double scale, cudaStream_t stream) {
+  with_elem_type(type, [&](auto t) { softmax_backward<decltype(t)>(grad_y, y, grad_x, rows, len, scale, stream); });
+  return cudaGetLastError();
+}
+
+}  // namespace nanops::cuda
