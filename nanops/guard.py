@@ -100,7 +100,7 @@ def _step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     max_norm: float,
-    params: list[torch.Tensor],
+    parameters: list[torch.Tensor] | None,
     *,
     snapshot: NormBufferSnapshot | None = None,
     locate: LossFn | None = None,
@@ -108,6 +108,7 @@ def _step(
     rng_state: RngState | None = None,
 ) -> StepResult:
     amp = _check_arguments(optimizer, scaler)
+    params = parameters if parameters is not None else _optimizer_params(optimizer)
     device = _grad_device(params)
     found_inf = torch.zeros(1, device=device)
     inv_scale = scaler._scale.double().reciprocal().float() if amp else None
@@ -164,10 +165,9 @@ def guarded_step(
             step's own RNG state and to restore BatchNorm statistics too.
         model: the model `locate` runs (required with `locate`).
     """
-    _check_arguments(optimizer, scaler)
     if locate is not None and not isinstance(model, torch.nn.Module):
         raise ValueError("guarded_step: locate needs model= (the torch.nn.Module whose modules are named)")
-    params = list(parameters) if parameters is not None else _optimizer_params(optimizer)
+    params = list(parameters) if parameters is not None else None
     return _step(optimizer, scaler, max_norm, params, locate=locate, model=model)
 
 
@@ -227,8 +227,7 @@ class Guard:
             locate: optional closure returning the step's loss again (forward + loss, with the
                 step's autocast inside); replayed only when the step is skipped.
         """
-        params = self._params if self._params is not None else _optimizer_params(self.optimizer)
-        result = _step(self.optimizer, self.scaler, self.max_norm, params, snapshot=self._snapshot,
+        result = _step(self.optimizer, self.scaler, self.max_norm, self._params, snapshot=self._snapshot,
                        locate=locate, model=self.model, rng_state=self._rng)
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
         if locate is not None and result.skipped:

@@ -45,16 +45,19 @@ class NormBufferSnapshot:
             for i, part in zip(indices, flat.split([buffers[i].numel() for i in indices])):
                 self._copies[i] = part.view(buffers[i].shape)
 
+    def _same_layout(self, buffers: list[torch.Tensor]) -> bool:
+        return [(b.shape, b.dtype, b.device) for b in buffers] == self._layout
+
     def _checked_buffers(self, caller: str) -> list[torch.Tensor]:
         buffers = self._buffers()
-        if [(b.shape, b.dtype, b.device) for b in buffers] != self._layout:
+        if not self._same_layout(buffers):
             raise RuntimeError(f"NormBufferSnapshot.{caller}: the model's normalisation buffers changed since take()")
         return buffers
 
     def take(self) -> None:
         """Copies the current buffers (one fused copy; storage is reused between calls)."""
         buffers = self._buffers()
-        if [(b.shape, b.dtype, b.device) for b in buffers] != self._layout:
+        if not self._same_layout(buffers):
             self._allocate(buffers)
         elif buffers:
             torch._foreach_copy_(self._copies, buffers)
