@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from common import report, row
-from nanops.doctor import check_labels
+from nanops.tools.doctor import check_labels
 from timing import measure
 
 NUM_FILES = 5000

@@ -13,7 +13,7 @@ import torch
 
 import nanops
 from common import bench_device, report, row
-from nanops._yolov5_env import import_yolov5_common
+from nanops.yolov5.env import import_yolov5_common
 from timing import measure
 
 

@@ -15,12 +15,10 @@ nanops.yolov5 (patch, and yolov5's own training protected: `nanops train`).
 from . import nn, yolov5
 from ._loader import cuda_built
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
-from .guard import Guard, StepResult, guarded_step
-from .locate import RngState, locate_forward, locate_step
 from .ops import all_finite, nonfinite_counts, stable_softmax
 from .patching import patch, unpatch
-from .scaler import GradScaler
-from .watch import Finding, Watch, watch
+from .training import (Finding, GradScaler, Guard, RngState, StepResult, Watch, guarded_step, locate_forward,
+                       locate_step, watch)
 
 __version__ = "0.1.0"
 

@@ -32,7 +32,7 @@ def _cmd_demo(args) -> int:
         print(f"nanops demo: {problem}", file=sys.stderr)
         return 2
     try:
-        from .demo import run_demo
+        from .tools.demo import run_demo
     except ImportError as err:
         print(f"nanops demo: needs the yolov5 package ({err}); install it with: pip install 'nanops[yolov5]'",
               file=sys.stderr)
@@ -55,8 +55,7 @@ def _cmd_check(args) -> int:
     import torch
 
     import nanops
-    from ._yolov5_env import build_transformer_model
-    from .yolov5 import patch
+    from .yolov5 import build_transformer_model, patch
 
     try:
         model = build_transformer_model()
@@ -86,7 +85,7 @@ def _cmd_check(args) -> int:
 
 def _cmd_doctor(args) -> int:
     """Label and hyperparameter checks; exit 1 when anything is wrong, 2 when the input is unreadable."""
-    from .doctor import (DoctorError, check_fix_target, check_hyp, check_labels, find_label_files, load_hyp,
+    from .tools.doctor import (DoctorError, check_fix_target, check_hyp, check_labels, find_label_files, load_hyp,
                          write_fixed_copies)
 
     if args.data is None and args.hyp is None:
@@ -153,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         # Every flag after `train` is yolov5's (its own parser, its own --help and errors).
-        from .yolov5_train import main as train_main
+        from .yolov5.train import main as train_main
 
         return train_main(argv[1:])
     parser = argparse.ArgumentParser(prog="nanops", description="NaN-proof kernels for Transformer-YOLOv5 training")

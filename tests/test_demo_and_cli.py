@@ -3,7 +3,7 @@ import math
 import pytest
 
 from nanops.cli import main
-from nanops.demo import run_demo
+from nanops.tools.demo import run_demo
 
 pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
               pytest.mark.filterwarnings("ignore::DeprecationWarning"),

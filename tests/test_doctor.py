@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from nanops.cli import main
-from nanops.doctor import DoctorError, check_hyp, check_labels, find_label_files, write_fixed_copies
+from nanops.tools.doctor import DoctorError, check_hyp, check_labels, find_label_files, write_fixed_copies
 
 BAD_FILE = [
     ("0 0.5 0.5 0.2 0.2", None),
@@ -202,7 +202,7 @@ def test_malformed_data_yaml_exits_2_with_one_line(tmp_path, capsys, yaml_text):
 
 
 def test_streamed_batches_keep_line_numbers_and_find_duplicates_across_them(tmp_path, monkeypatch):
-    import nanops.doctor as doctor
+    import nanops.tools.doctor as doctor
 
     monkeypatch.setattr(doctor, "ROWS_PER_BATCH", 7)  # many batches, rows of one file split across them
     labels = tmp_path / "labels"

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from conftest import run_without_nanops
-from nanops.inject import inject_nonfinite_input
-from nanops.synthetic import write_yolo_dataset
+from nanops.training.inject import inject_nonfinite_input
+from nanops.tools.synthetic import write_yolo_dataset
 
 pytestmark = [
     pytest.mark.slow,

@@ -131,7 +131,7 @@ def test_nan_inside_a_dataclass_output_is_found():
 def test_records_stay_bounded_without_check(monkeypatch):
     import sys
 
-    monkeypatch.setattr(sys.modules["nanops.watch"], "MAX_PENDING_RECORDS", 10)  # nanops.watch is the function
+    monkeypatch.setattr(sys.modules["nanops.training.watch"], "MAX_PENDING_RECORDS", 10)  # nanops.watch is the function
     model = model_with("forward", 3)
     with nanops.watch(model, backward=False) as w:
         for _ in range(20):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import run_without_nanops
-from nanops.synthetic import write_yolo_dataset
+from nanops.tools.synthetic import write_yolo_dataset
 from nanops.yolov5 import transformer_yaml
-from nanops.yolov5_train import SKIPPED_CSV, inject_nonfinite_input, run, run_plain
+from nanops.yolov5.train import SKIPPED_CSV, inject_nonfinite_input, run, run_plain
 
 pytestmark = [
     pytest.mark.slow,
@@ -104,6 +104,18 @@ def test_protected_checkpoint_loads_validates_detects_and_exports_without_nanops
     assert "LOADED-VALIDATED-EXPORTED" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert last.with_suffix(".torchscript").stat().st_size > 1_000_000
     assert last.with_suffix(".onnx").stat().st_size > 1_000_000
+
+
+def test_protected_checkpoints_name_no_nanops_module(runs):
+    # Nothing of nanops is pickled, by design: the files load where nanops is absent, and
+    # moving nanops' modules can never break a checkpoint written earlier.
+    _, nanops_dir, *_ = runs
+    paths = sorted((nanops_dir / "weights").glob("*.pt"))
+    assert paths
+    for path in paths:
+        globals_ = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        assert any(g.startswith("yolov5.") for g in globals_), globals_  # the walk sees the classes
+        assert not [g for g in globals_ if g.split(".")[0] == "nanops"], (path.name, globals_)
 
 
 def test_protected_checkpoint_is_no_larger_than_plain(runs):

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from ._yolov5_env import prepare_environment, quiet_yolov5_import, transformer_yaml
+from ..yolov5.env import prepare_environment, quiet_yolov5_import, transformer_yaml
+from ..yolov5.train import SkippedStep, inject_nonfinite_input, run, run_plain
 from .synthetic import write_yolo_dataset
-from .yolov5_train import SkippedStep, inject_nonfinite_input, run, run_plain
 
 
 @dataclass

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
-from .ops import nonfinite_counts
+from ..ops import nonfinite_counts
 from .snapshot import NormBufferSnapshot
 
 

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
-from . import inject, patching
-from ._yolov5_env import prepare_environment, quiet_yolov5_import
-from .clip import clip_grad_norm_
-from .locate import RngState, _cuda_devices
-from .scaler import GradScaler
-from .skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
+from .. import patching
+from ..clip import clip_grad_norm_
+from ..training import inject
+from ..training.locate import RngState, _cuda_devices
+from ..training.scaler import GradScaler
+from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
+from .env import prepare_environment, quiet_yolov5_import
 
 __all__ = ["SKIPPED_CSV", "SkippedStep", "inject_nonfinite_input", "main", "run", "run_plain"]
 

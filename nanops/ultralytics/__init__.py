@@ -24,12 +24,12 @@ from __future__ import annotations
 
 import torch
 
-from . import patching
-from .clip import clip_grad_norm_
-from .ops import all_finite
-from .scaler import GradScaler
-from .locate import RngState, _cuda_devices, locate_forward
-from .skips import SkippedStep, SkipReport, describe, first_nonfinite
+from .. import patching
+from ..clip import clip_grad_norm_
+from ..ops import all_finite
+from ..training.locate import RngState, _cuda_devices, locate_forward
+from ..training.scaler import GradScaler
+from ..training.skips import SkippedStep, SkipReport, describe, first_nonfinite
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 

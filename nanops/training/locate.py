@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .ops import all_finite
+from ..ops import all_finite
 from .snapshot import NormBufferSnapshot
 from .watch import Finding, watch
 

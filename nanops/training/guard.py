@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from .clip import clip_grad_norm_
+from ..clip import clip_grad_norm_
 from .locate import RngState, _cuda_devices, locate_step
 from .snapshot import NormBufferSnapshot
 from .watch import Finding

@@ -4,14 +4,15 @@
 TransformerLayer (C3TR, TransformerBlock) to nanops' stable attention and back; the layers,
 their Parameters and their state_dict keys stay yolov5's, and checkpoints of a patched model
 load with yolov5 alone. `train(**kwargs)` runs yolov5's own train.py protected (see
-nanops.yolov5_train).
+nanops.yolov5.train).
 """
 from __future__ import annotations
 
 from torch import nn
 
-from . import patching
-from ._yolov5_env import build_transformer_model, transformer_yaml
+from .. import patching
+from . import train as _train_module  # noqa: F401  (see train() below)
+from .env import build_transformer_model, transformer_yaml
 
 __all__ = ["build_transformer_model", "patch", "train", "transformer_yaml", "unpatch"]
 
@@ -30,8 +31,10 @@ def unpatch(model: nn.Module) -> int:
     return patching.unpatch(model)
 
 
+# The submodule nanops.yolov5.train is imported above, before this function is defined: importing
+# a submodule sets the package attribute of its name, so a later first import would replace
+# `nanops.yolov5.train` (this function, the documented API) by the module. Imported once here,
+# later imports find it in sys.modules and leave the attribute alone.
 def train(**kwargs):
     """yolov5.train.run(**kwargs), protected by nanops; returns yolov5's opt namespace."""
-    from .yolov5_train import run
-
-    return run(**kwargs)
+    return _train_module.run(**kwargs)
