@@ -16,6 +16,10 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(nanops, m) {
   // Per tensor of the list: counts of NaN, +Inf, -Inf as an int64 (len(tensors), 3) tensor.
   m.def("nonfinite_counts(Tensor[] tensors) -> Tensor");
+  // 0-dim bool: True when no tensor of the list holds a NaN or an Inf (one launch on CUDA).
+  m.def("all_finite(Tensor[] tensors) -> Tensor");
+  // float32 (1,): 1.0 when some tensor holds a NaN or an Inf, else 0.0 (GradScaler's found_inf).
+  m.def("nonfinite_flag(Tensor[] tensors) -> Tensor");
 
   // y = softmax(scale * x + mask) along dim; fully masked rows give 0, +inf logits share the mass.
   m.def("stable_softmax(Tensor x, int dim, float scale, Tensor? mask) -> Tensor");
@@ -31,6 +35,14 @@ TORCH_LIBRARY(nanops, m) {
   m.def(
       "clip_coef_from_summaries(Tensor summaries, float norm_type, float max_norm, Tensor? inv_scale, "
       "Tensor(a!)? found_inf, ScalarType norm_dtype) -> (Tensor total_norm, Tensor coef)");
+  // The whole clip of one device's grads: their overflow-free norm (of grads * inv_scale), the
+  // coefficient min(1, max_norm / (norm + 1e-6)) * inv_scale (exactly 1 where the grads hold
+  // NaN/Inf or their norm overflows; found_inf then set to 1), its float32 reciprocal (the
+  // grad_scale torch's fused optimizers divide by), and, with scale_grads, grads *= coef.
+  // total_norm has the promotion of the grads' dtypes (float32 for 16-bit).
+  m.def(
+      "clip_grad_norm_(Tensor(a!)[] grads, float max_norm, float norm_type, Tensor? inv_scale, "
+      "Tensor(b!)? found_inf, bool scale_grads) -> (Tensor total_norm, Tensor coef, Tensor grad_divisor)");
   // tensors *= coef (a one-element device tensor), skipped without a write when coef == 1.
   m.def("scale_tensors_(Tensor(a!)[] tensors, Tensor coef) -> ()");
 }

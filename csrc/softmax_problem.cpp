@@ -58,12 +58,8 @@ SoftmaxProblem make_softmax_problem(const at::Tensor& x, int64_t dim, const std:
     p.mask = m.to(acc_dtype);
   }
   const at::Tensor view = move_dim_last(p.mask.expand(x.sizes()), p.dim);
-  p.mask_index.ndim = static_cast<int>(view.dim() - 1);
-  for (int d = 0; d < p.mask_index.ndim; ++d) {
-    p.mask_index.sizes[d] = view.size(d);
-    p.mask_index.strides[d] = view.stride(d);
-  }
-  p.mask_index.inner_stride = view.stride(-1);
+  p.mask_index = MaskIndexer::make(view.sizes().data(), view.strides().data(), static_cast<int>(view.dim() - 1),
+                                   view.stride(-1), p.rows);
   // The kernels add offsets to the mask's data pointer, which must point at element 0 of the view.
   p.mask = view;
   return p;

@@ -1,6 +1,11 @@
 #include "tensor_list.h"
 
+#include <ATen/Dispatch.h>
+#include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
+
+#include <cmath>
+#include <limits>
 
 namespace nanops {
 
@@ -68,6 +73,33 @@ void check_scale_coef(const at::Tensor& coef, const c10::Device& device) {
   TORCH_CHECK(coef.numel() == 1 && coef.scalar_type() == at::kDouble && coef.device() == device,
               "scale_tensors_: coef must be a one-element float64 tensor on ", device, ", got ", coef.scalar_type(),
               " of shape ", coef.sizes(), " on ", coef.device());
+}
+
+c10::ScalarType norm_dtype(at::TensorList tensors) {
+  c10::ScalarType dtype = tensors[0].scalar_type();
+  for (const at::Tensor& t : tensors) dtype = c10::promoteTypes(dtype, t.scalar_type());
+  return dtype == at::kHalf || dtype == at::kBFloat16 ? at::kFloat : dtype;
+}
+
+double dtype_max(c10::ScalarType dtype) {
+  double out = INFINITY;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dtype_max", [&] {
+    out = static_cast<double>(std::numeric_limits<scalar_t>::max());
+  });
+  return out;
+}
+
+void scale_non_dense(const at::Tensor& t, const at::Tensor& coef) {
+  if (t.element_size() == 2) {
+    t.copy_(t.to(at::kFloat).mul_(coef.to(at::kFloat)));
+  } else {
+    t.mul_(coef.to(t.scalar_type()));
+  }
+}
+
+void check_clip_scalars(double norm_type, double max_norm, const char* op) {
+  TORCH_CHECK_VALUE(norm_type >= 0.0, op, ": norm_type must be >= 0 or inf, got ", norm_type);
+  TORCH_CHECK_VALUE(max_norm >= 0.0, op, ": max_norm must be >= 0 (inf allowed), got ", max_norm);
 }
 
 void check_norm_summaries(const at::Tensor& summaries, int64_t fields) {

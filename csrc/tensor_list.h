@@ -42,6 +42,21 @@ void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, con
 // The coef argument of scale_tensors_: one float64 element on `device`.
 void check_scale_coef(const at::Tensor& coef, const c10::Device& device);
 
+// The dtype of the total norm of `tensors`: the promotion of all their dtypes (whatever their
+// order), float32 where that is a 16-bit type (a float16 norm would overflow where the grads do not).
+c10::ScalarType norm_dtype(at::TensorList tensors);
+
+// The largest finite value of a floating dtype (a norm beyond it is reported inf).
+double dtype_max(c10::ScalarType dtype);
+
+// t *= coef (one float64 element) for a tensor the flat kernels skip (not one dense run of
+// memory), with the product formed as the kernels form it: in float32 for 16-bit t, so a
+// non-dense grad gets exactly the dense result.
+void scale_non_dense(const at::Tensor& t, const at::Tensor& coef);
+
+// The scalar arguments of the fused clip: norm_type >= 0 (inf allowed), max_norm >= 0 (inf allowed).
+void check_clip_scalars(double norm_type, double max_norm, const char* op);
+
 // The (k, fields) float64 summaries argument of clip_coef_from_summaries.
 void check_norm_summaries(const at::Tensor& summaries, int64_t fields);
 

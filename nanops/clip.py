@@ -20,7 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from .ops import _tensor_list, all_finite, check_device
+from .ops import _tensor_list, all_finite, check_device, norm_dtype
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
 
@@ -59,21 +59,10 @@ def _check_state_tensor(t: torch.Tensor | None, name: str, device: torch.device)
     # Shape and dtype are checked by the kernels themselves.
 
 
-def _norm_dtype(grads: list[torch.Tensor]) -> torch.dtype:
-    # The promotion of every grad's dtype (as torch stacks the per-group norms), whatever their
-    # order; a float16/bfloat16 norm would overflow where float32 does not.
-    dtype = grads[0].dtype
-    for g in grads[1:]:
-        if g.dtype != dtype:
-            dtype = torch.promote_types(dtype, g.dtype)
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _group_grads(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Tensor]]:
-    """Checks the grads (floating point, a kernel for their device) and groups them by device,
-    keeping their order within a device. This runs on every optimizer step, so the grouping is
-    torch's C++ helper (the one torch's clip_grad_norm_ uses): a Python loop reading each
-    grad's device cost more than the norm kernels' own overhead."""
+def _group_grads(grads: list[torch.Tensor]) -> tuple[dict[torch.device, list[torch.Tensor]], torch.dtype]:
+    """Checks the grads (floating point, a kernel for their device), groups them by device,
+    keeping their order within a device, and gives their norm dtype. The grouping is torch's C++
+    helper (the one torch's clip_grad_norm_ uses): no Python loop over the grads."""
     keyed = _group_tensors_by_device_and_dtype([grads], with_indices=True)
     bad = [(indices[0], dtype) for (_, dtype), (_, indices) in keyed.items() if not dtype.is_floating_point]
     if bad:
@@ -92,7 +81,21 @@ def _group_grads(grads: list[torch.Tensor]) -> dict[torch.device, list[torch.Ten
         else:  # mixed dtypes on one device: back to the caller's order
             pairs = sorted((i, t) for indices, tensors in parts for i, t in zip(indices, tensors))
             groups[device] = [t for _, t in pairs]
-    return groups
+    return groups, norm_dtype(dtype for _, dtype in keyed)
+
+
+def _fused(grads: list[torch.Tensor], max_norm: float, p: float, inv_scale, found_inf, scale: bool):
+    """The one-call path: torch.ops.nanops.clip_grad_norm_ (checks in C++, norm and coefficient in
+    one launch, the scale in a second) -> (total_norm, coef, grad_divisor). None where the grads
+    need the general path (several devices, sparse or integer grads, a CPU-only build for CUDA
+    grads, arguments of the wrong type): that path handles them or names what is wrong."""
+    if not (inv_scale is None or isinstance(inv_scale, torch.Tensor)) or not (
+            found_inf is None or isinstance(found_inf, torch.Tensor)):
+        return None
+    try:
+        return torch.ops.nanops.clip_grad_norm_.default(grads, max_norm, p, inv_scale, found_inf, scale)
+    except (RuntimeError, TypeError):  # ValueError and NotImplementedError are RuntimeError's kin here
+        return None
 
 
 def _on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
@@ -146,18 +149,18 @@ def _total_norm_and_coef(
     The norm is read on the host only for error_if_nonfinite."""
     p = _check_norm_type(norm_type)
     max_norm = _check_max_norm(max_norm)
-    groups = _group_grads(grads)
+    groups, dtype = _group_grads(grads)
     home = next(iter(groups))
     _check_state_tensor(inv_scale, "inv_scale", home)
     _check_state_tensor(found_inf, "found_inf", home)
     if process_group is not None and not _is_process_group(process_group):
         raise TypeError(f"process_group must be a torch.distributed ProcessGroup, got {type(process_group).__name__}")
-    if p == 0 and process_group is None:
-        total_norm, coef = _zero_norm_and_coef(grads, groups, max_norm, inv_scale, found_inf)
+    if p == 0:
+        total_norm, coef = _zero_norm_and_coef(groups, dtype, max_norm, inv_scale, found_inf, process_group)
     else:
         summaries = _summaries(groups, p, inv_scale, process_group)
         total_norm, coef = torch.ops.nanops.clip_coef_from_summaries.default(
-            summaries, p, max_norm, inv_scale, found_inf, _norm_dtype(grads)
+            summaries, p, max_norm, inv_scale, found_inf, dtype
         )
     _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
     return groups, total_norm, coef
@@ -191,14 +194,21 @@ def _clip_coef_on_device(total: torch.Tensor, nonfinite: torch.Tensor, max_norm:
     return torch.where(nonfinite, torch.ones_like(coef), coef)
 
 
-def _zero_norm_and_coef(grads, groups, max_norm, inv_scale, found_inf):
+def _zero_norm_and_coef(groups, dtype, max_norm, inv_scale, found_inf, process_group):
     """norm_type=0 as torch counts it: the number of tensors holding a non-zero (NaN counts as
-    non-zero), not the non-zeros of all tensors. Rare, so plain torch ops on the device."""
+    non-zero), not the non-zeros of all tensors; over a process group, the ranks' counts add up
+    (each rank counts the tensors it holds, as a world of one counts them). Rare, so plain torch
+    ops on the device, and one all_reduce of (count, non-finite) over the group."""
     home = next(iter(groups))
     counts = torch.stack([n.to(home) for gs in groups.values() for n in torch._foreach_norm(gs, 0)])
-    total = torch.linalg.vector_norm(counts.double(), 0)
     nonfinite = torch.stack([~all_finite(gs).to(home) for gs in groups.values()]).any()
-    return total.to(_norm_dtype(grads)), _clip_coef_on_device(total, nonfinite, max_norm, inv_scale, found_inf)
+    local = torch.stack([torch.linalg.vector_norm(counts.double(), 0), nonfinite.double()])
+    if process_group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(local, op=dist.ReduceOp.SUM, group=process_group)
+    total, nonfinite = local[0], local[1] > 0
+    return total.to(dtype), _clip_coef_on_device(total, nonfinite, max_norm, inv_scale, found_inf)
 
 
 def clip_grad_norm_(
@@ -232,6 +242,13 @@ def clip_grad_norm_(
     grads = _grad_list(parameters)
     if not grads:
         return torch.tensor(0.0)
+    p = _check_norm_type(norm_type)
+    max_norm = _check_max_norm(max_norm)
+    if process_group is None and p != 0:
+        fused = _fused(grads, max_norm, p, inv_scale, found_inf, scale=True)
+        if fused is not None:
+            _raise_if_nonfinite(fused[0], p, error_if_nonfinite)  # grads untouched when non-finite
+            return fused[0]
     if any(g.layout != torch.strided for g in grads):
         return _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group)
     groups, total_norm, coef = _total_norm_and_coef(
@@ -243,6 +260,26 @@ def clip_grad_norm_(
     return total_norm
 
 
+def clip_coef_for_fused_step(
+    parameters: ParamsOrGrads,
+    max_norm: float,
+    *,
+    inv_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """clip_grad_norm_ for an optimizer step that takes `grad_scale` (torch's fused SGD/Adam/AdamW
+    divide every grad by it in their own kernel): the norm and the coefficient in one launch and
+    the grads left as they are; returns (total_norm, grad_divisor), grad_divisor a 0-dim float32
+    tensor equal to 1 / (inv_scale * clip factor). Where the one-launch path does not apply (grads
+    on several devices, sparse grads), the grads are clipped in place and grad_divisor is None."""
+    grads = _grad_list(parameters)
+    if grads:
+        fused = _fused(grads, _check_max_norm(max_norm), 2.0, inv_scale, found_inf, scale=False)
+        if fused is not None:
+            return fused[0], fused[2]
+    return clip_grad_norm_(grads, max_norm, inv_scale=inv_scale, found_inf=found_inf), None
+
+
 def _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group):
     """clip_grad_norm_ over a list holding sparse grads (e.g. nn.Embedding(sparse=True))."""
     total_norm, coef = _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale,
@@ -251,7 +288,7 @@ def _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale,
     for g in grads:
         if g.layout != torch.strided:
             g.mul_(coef.to(g.dtype))
-    for dev, gs in _group_grads(dense).items() if dense else ():
+    for dev, gs in _group_grads(dense)[0].items() if dense else ():
         torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
     return total_norm
 
@@ -284,7 +321,7 @@ def _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfin
     total = stacked.sum() if p == 0 else torch.linalg.vector_norm(stacked, p)  # p=0: counts add up
     nonfinite = nonfinite | ~torch.isfinite(total)
     coef = _clip_coef_on_device(total, nonfinite, max_norm, inv_scale, found_inf)
-    total_norm = total.to(_norm_dtype(grads))
+    total_norm = total.to(norm_dtype({g.dtype for g in grads}))
     _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
     return total_norm, coef
 
@@ -312,6 +349,11 @@ def get_total_norm(
             raise ValueError(f"get_total_norm: tensors[{needs}] requires grad, but nanops' norm has no gradient; "
                              "pass detached tensors (e.g. the .grad of parameters) or use "
                              "torch.nn.utils.get_total_norm")
+    p = _check_norm_type(norm_type)
+    fused = _fused(tensor_list, math.inf, p, None, None, scale=False) if p != 0 else None
+    if fused is not None:
+        _raise_if_nonfinite(fused[0], p, error_if_nonfinite)
+        return fused[0]
     if any(t.layout != torch.strided for t in tensor_list):
         total_norm, _ = _total_norm_and_coef_with_sparse(tensor_list, norm_type, math.inf, error_if_nonfinite)
     else:
@@ -340,6 +382,6 @@ def clip_grads_with_norm_(
     grads = _grad_list(parameters)
     if not grads:
         return
-    for dev, gs in _group_grads(grads).items():
+    for dev, gs in _group_grads(grads)[0].items():
         norm = total_norm.reshape(()).to(dev, dtype=torch.float64, non_blocking=True)
         torch.ops.nanops.scale_tensors_.default(gs, _clip_coef_on_device(norm, ~torch.isfinite(norm), max_norm))

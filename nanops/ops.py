@@ -5,7 +5,7 @@ Every function here calls a ``torch.ops.nanops.*`` operator defined in csrc/ops.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -55,6 +55,34 @@ def _check_list(tensors: list[torch.Tensor], what: str) -> torch.device:
 # NaN / Inf detection
 # --------------------------------------------------------------------------------------------
 
+def _as_list(tensors: TensorOrTensors, name: str) -> list[torch.Tensor] | tuple[torch.Tensor, ...]:
+    """The list an op takes as it is: a tensor, list or tuple passes unexamined (the op checks its
+    elements in C++, once); other iterables go through _tensor_list."""
+    if isinstance(tensors, torch.Tensor):
+        return [tensors]
+    if type(tensors) is list or type(tensors) is tuple:
+        return tensors
+    return _tensor_list(tensors, name)
+
+
+def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """op(list) with the checks in C++ only. When the op refuses the list (None entries, a
+    non-tensor, several devices, a sparse tensor, a CUDA tensor in a CPU-only build), the list is
+    examined in Python: None entries are dropped and the op called again, anything else raises an
+    error naming the argument. So a well-formed list costs no per-tensor Python work."""
+    tensor_list = _as_list(tensors, f"{what}: tensors")
+    if not tensor_list:
+        return empty()
+    try:
+        return op(tensor_list)
+    except (TypeError, RuntimeError):  # NotImplementedError and ValueError's C++ twin included
+        checked = _tensor_list(tensor_list, f"{what}: tensors")
+        if not checked:
+            return empty()
+        _check_list(checked, what)
+        return op(checked)
+
+
 def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
     """Counts NaN, +Inf and -Inf in every tensor of a list, in one fused pass.
 
@@ -67,19 +95,21 @@ def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
         int64 tensor of shape (len(tensors), 3) on the tensors' device: columns are the counts of
         NaN, +Inf and -Inf. Nothing is copied to the host.
     """
-    tensor_list = _tensor_list(tensors, "nonfinite_counts: tensors")
-    if not tensor_list:
-        return torch.zeros(0, 3, dtype=torch.long)
-    _check_list(tensor_list, "nonfinite_counts")
-    return torch.ops.nanops.nonfinite_counts.default(tensor_list)
+    return _call_list_op(torch.ops.nanops.nonfinite_counts.default, tensors, "nonfinite_counts",
+                         lambda: torch.zeros(0, 3, dtype=torch.long))
 
 
 def all_finite(tensors: TensorOrTensors) -> torch.Tensor:
-    """0-dim bool tensor on the tensors' device: True when no tensor holds a NaN or an Inf."""
-    tensor_list = _tensor_list(tensors)
-    if not tensor_list:
-        return torch.tensor(True)
-    return nonfinite_counts(tensor_list).sum() == 0
+    """0-dim bool tensor on the tensors' device: True when no tensor holds a NaN or an Inf (one
+    launch on CUDA, no host sync)."""
+    return _call_list_op(torch.ops.nanops.all_finite.default, tensors, "all_finite", lambda: torch.tensor(True))
+
+
+def nonfinite_flag(tensors: TensorOrTensors) -> torch.Tensor:
+    """float32 tensor of shape (1,) on the tensors' device: 1.0 when some tensor holds a NaN or an
+    Inf, else 0.0 (the found_inf GradScaler keeps per device). One launch on CUDA, no host sync."""
+    return _call_list_op(torch.ops.nanops.nonfinite_flag.default, tensors, "nonfinite_flag",
+                         lambda: torch.zeros(1))
 
 
 @torch.library.register_fake("nanops::nonfinite_counts")
@@ -88,6 +118,20 @@ def _nonfinite_counts_fake(tensors):
     torch._check(len(tensors) > 0, lambda: "nonfinite_counts: empty list")
     _fake_check_one_device(tensors, "nonfinite_counts")
     return tensors[0].new_empty((len(tensors), 3), dtype=torch.long)
+
+
+@torch.library.register_fake("nanops::all_finite")
+def _all_finite_fake(tensors):
+    torch._check(len(tensors) > 0, lambda: "all_finite: empty list")
+    _fake_check_one_device(tensors, "all_finite")
+    return tensors[0].new_empty((), dtype=torch.bool)
+
+
+@torch.library.register_fake("nanops::nonfinite_flag")
+def _nonfinite_flag_fake(tensors):
+    torch._check(len(tensors) > 0, lambda: "nonfinite_flag: empty list")
+    _fake_check_one_device(tensors, "nonfinite_flag")
+    return tensors[0].new_empty((1,), dtype=torch.float32)
 
 
 def _fake_check_device(t, what: str, name: str, device: torch.device) -> None:
@@ -206,12 +250,15 @@ def _stable_softmax_setup_context(ctx, inputs, output):
 def _stable_softmax_backward(ctx, grad_y):
     (y,) = ctx.saved_tensors
     grad_x = grad_mask = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, ctx.scale)
     if ctx.mask_needs_grad:
-        # d/dmask is the softmax Jacobian product without the scale, summed over broadcast dims.
+        # d/dmask is the softmax Jacobian product without the scale: one backward kernel, whose
+        # result also gives grad_x (times the scale).
         grad_z = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, 1.0)
         grad_mask = grad_z.sum_to_size(ctx.mask_shape)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_z if ctx.scale == 1.0 else grad_z * ctx.scale
+    elif ctx.needs_input_grad[0]:
+        grad_x = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, ctx.scale)
     return grad_x, None, None, grad_mask
 
 
@@ -266,6 +313,27 @@ def _clip_coef_fake(summaries, norm_type, max_norm, inv_scale, found_inf, norm_d
     _fake_check_device(inv_scale, "clip_coef_from_summaries", "inv_scale", summaries.device)
     _fake_check_device(found_inf, "clip_coef_from_summaries", "found_inf", summaries.device)
     return summaries.new_empty((), dtype=norm_dtype), summaries.new_empty((), dtype=torch.float64)
+
+
+def norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """The dtype of a total norm: the promotion of the grads' dtypes (whatever their order),
+    float32 where that is 16-bit (a float16 norm would overflow where the grads do not)."""
+    it = iter(dtypes)
+    dtype = next(it)
+    for d in it:
+        dtype = torch.promote_types(dtype, d)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+@torch.library.register_fake("nanops::clip_grad_norm_")
+def _clip_grad_norm_fake(grads, max_norm, norm_type, inv_scale, found_inf, scale_grads):
+    torch._check(len(grads) > 0, lambda: "clip_grad_norm_: empty gradient list")
+    _fake_check_one_device(grads, "clip_grad_norm_")
+    _fake_check_device(inv_scale, "clip_grad_norm_", "inv_scale", grads[0].device)
+    _fake_check_device(found_inf, "clip_grad_norm_", "found_inf", grads[0].device)
+    g = grads[0]
+    return (g.new_empty((), dtype=norm_dtype(t.dtype for t in grads)), g.new_empty((), dtype=torch.float64),
+            g.new_empty((), dtype=torch.float32))
 
 
 @torch.library.register_fake("nanops::scale_tensors_")

@@ -376,3 +376,126 @@ def test_cuda_graph_capture_of_fused_unscale_and_clip():
     assert not torch.isfinite(total).item()
     for p, b in zip(params, before):
         assert torch.equal(p.grad, b)
+
+
+# ---- the fused one-call path, non-dense 16-bit grads, norm_type=0 over a group -----------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("value, inv_scale, max_norm", [(8.0, 2.0**-16, 1e-3), (60000.0, 2.0**-24, 10.0),
+                                                        (3.0, 1.0, 0.7)])
+def test_non_dense_grads_get_exactly_the_dense_result(device, dtype, value, inv_scale, max_norm):
+    # The coefficient is applied in float32 to every grad, dense or not: a non-dense fp16 grad
+    # multiplied by a coefficient rounded to fp16 used to be 1.5% off, or 0.
+    dense = torch.nn.Parameter(torch.empty(64, 32, device=device, dtype=dtype))
+    dense.grad = torch.full((64, 32), value, device=device, dtype=dtype)
+    strided = torch.nn.Parameter(torch.empty(64, 32, device=device, dtype=dtype))
+    strided.grad = torch.full((64, 64), value, device=device, dtype=dtype)[:, ::2]
+    assert not strided.grad.is_contiguous() and strided.grad.stride() == (64, 2)
+    scale = torch.tensor([inv_scale], device=device)
+    nanops.clip_grad_norm_([dense, strided], max_norm, inv_scale=scale)
+    assert torch.equal(strided.grad, dense.grad)
+    assert dense.grad.float().abs().min() > 0
+    # And that result is the float32 product, rounded once.
+    norm = math.sqrt(2 * 64 * 32) * value * inv_scale
+    coef = torch.tensor(inv_scale * min(1.0, max_norm / (norm + 1e-6)), dtype=torch.float64)
+    expected = (torch.tensor(value, dtype=dtype).float() * coef.float()).to(dtype)
+    assert torch.equal(dense.grad.cpu(), torch.full((64, 32), expected.item(), dtype=dtype))
+
+
+def _grads_for_count(device):
+    return params_with_grads([(3,), (2,), (4,)], device), [torch.ones(3), torch.zeros(2), torch.tensor([0, 5.0, 0, 0])]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_norm_type_zero_counts_tensors_with_and_without_a_process_group(device, tmp_path):
+    # torch's meaning: the number of tensors holding a non-zero (2 here), not of non-zero
+    # elements (4); over a world of one, the same number; with NaN, counted as non-zero, the
+    # grads untouched and found_inf set, on both paths.
+    def run(process_group, values):
+        params, _ = _grads_for_count(device)
+        for p, v in zip(params, values):
+            p.grad = v.to(device).clone()
+        found_inf = torch.zeros(1, device=device)
+        total = nanops.clip_grad_norm_(params, 1.0, 0, found_inf=found_inf, process_group=process_group)
+        return total, [p.grad for p in params], found_inf
+
+    _, values = _grads_for_count(device)
+    torch_params = [torch.nn.Parameter(v.clone()) for v in values]
+    for p, v in zip(torch_params, values):
+        p.grad = v.clone()
+    expected = torch.nn.utils.clip_grad_norm_(torch_params, 1.0, 0)
+    assert expected.item() == 2.0
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        for group in (None, dist.group.WORLD):
+            total, grads, found_inf = run(group, values)
+            assert total.item() == 2.0 and found_inf.item() == 0.0
+            for g, tp in zip(grads, torch_params):
+                torch.testing.assert_close(g.cpu(), tp.grad)
+            with_nan = [values[0], torch.tensor([float("nan"), 0.0]), values[2]]
+            total, grads, found_inf = run(group, with_nan)
+            assert total.item() == 3.0 and found_inf.item() == 1.0
+            assert torch.equal(grads[0].cpu(), values[0]) and grads[1].isnan().any()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_op_matches_the_general_path_and_opcheck(device):
+    grads = [torch.randn(10, 10, device=device) * 5, torch.randn(5, device=device, dtype=torch.float16),
+             torch.randn(0, device=device), torch.randn(3, 4, device=device).t()]
+    inv_scale = torch.tensor([0.5], device=device)
+    for scale_grads in (False, True):
+        found_inf = torch.zeros(1, device=device)
+        copies = [g.clone() for g in grads]
+        total, coef, divisor = torch.ops.nanops.clip_grad_norm_.default(copies, 1.0, 2.0, inv_scale, found_inf,
+                                                                       scale_grads)
+        expected = reference_norm(grads, 2.0, 0.5)
+        torch.testing.assert_close(total.double().cpu(), expected, rtol=1e-6, atol=0)
+        assert total.dtype == torch.float32 and coef.dtype == torch.float64 and divisor.dtype == torch.float32
+        expected_coef = 0.5 * min(1.0, 1.0 / (expected.item() + 1e-6))
+        assert coef.item() == pytest.approx(expected_coef, rel=1e-6)
+        assert divisor.item() == pytest.approx(1.0 / expected_coef, rel=1e-6)
+        changed = not all(torch.equal(c, g) for c, g in zip(copies, grads))
+        assert changed == scale_grads
+        torch.library.opcheck(torch.ops.nanops.clip_grad_norm_.default,
+                              ([g.clone() for g in grads], 1.0, 2.0, inv_scale, torch.zeros(1, device=device),
+                               scale_grads))
+
+
+def test_fused_op_names_bad_arguments():
+    with pytest.raises(ValueError, match="max_norm must be >= 0"):
+        torch.ops.nanops.clip_grad_norm_.default([torch.ones(2)], -1.0, 2.0, None, None, True)
+    with pytest.raises(ValueError, match="norm_type must be >= 0"):
+        torch.ops.nanops.clip_grad_norm_.default([torch.ones(2)], 1.0, -2.0, None, None, True)
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] has dtype Long"):
+        torch.ops.nanops.clip_grad_norm_.default([torch.ones(2), torch.ones(2, dtype=torch.long)], 1.0, 2.0, None,
+                                                 None, True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_size_zero_tensors_and_lists_longer_than_one_launch_table(device):
+    # 1152 tensors fit one CUDA launch table: 1400 take two; size-0 tensors take no chunk.
+    shapes = [(0,) if i % 97 == 0 else (i % 41 + 1,) for i in range(1400)]
+    params = params_with_grads(shapes, device, scale=3)
+    before = [p.grad.clone() for p in params]
+    total = nanops.clip_grad_norm_(params, 1.0)
+    torch.testing.assert_close(total.double().cpu(), reference_norm(before, 2.0), rtol=1e-6, atol=0)
+    torch.testing.assert_close(reference_norm([p.grad for p in params], 2.0), torch.tensor(1.0, dtype=torch.float64),
+                               rtol=1e-5, atol=0)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("count", [182, 1000])
+def test_cuda_clip_is_two_kernels_and_norm_is_one(count):
+    # The norm and its coefficient are one kernel (the last block combines), the scale another;
+    # a 1000-tensor list still fits one launch table.
+    params = params_with_grads([(i % 300 + 1,) for i in range(count)], "cuda", scale=5)
+    nanops.clip_grad_norm_(params, 1.0)  # warm-up
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        nanops.clip_grad_norm_(params, 1.0)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memset" not in e.name.lower() and "memcpy" not in e.name.lower()]
+    assert len(kernels) == 2, [e.name for e in kernels]

@@ -142,3 +142,55 @@ def test_64bit_indexing_beyond_2_31_elements():
     t[2**31 + 7] = NAN
     t[-1] = -INF
     torch.testing.assert_close(nanops.nonfinite_counts(t), torch.tensor([[1, 0, 1]]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_all_finite_and_nonfinite_flag_are_one_op_each(device, dtype):
+    for where, value in [(None, None), (0, NAN), (65536, INF), (199_999, -INF)]:
+        t = torch.randn(200_000, device=device).to(dtype)
+        if where is not None:
+            t[where] = value
+        tensors = [torch.arange(3, device=device), torch.empty(0, device=device, dtype=dtype), t]
+        flag = nanops.ops.nonfinite_flag(tensors)
+        assert flag.dtype == torch.float32 and flag.shape == (1,) and flag.device.type == device
+        assert flag.item() == (0.0 if where is None else 1.0)
+        assert bool(nanops.all_finite(tensors)) == (where is None)
+    assert nanops.ops.nonfinite_flag([]).item() == 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_new_ops_opcheck_and_list_errors(device):
+    tensors = [torch.randn(5, 7, device=device), planted(100, torch.float16, device, [3])]
+    for op in (torch.ops.nanops.all_finite.default, torch.ops.nanops.nonfinite_flag.default):
+        torch.library.opcheck(op, (tensors,))
+        with pytest.raises(RuntimeError):  # no tensor, no device to dispatch on; the wrappers answer []
+            op([])
+    with pytest.raises(TypeError, match=r"all_finite: tensors\[1\] must be a torch.Tensor"):
+        nanops.all_finite([torch.ones(2), 3])
+    assert bool(nanops.all_finite([None, torch.ones(2, device=device)]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_size_zero_tensors_between_and_lists_past_one_launch_table(device):
+    tensors = [torch.empty(0, device=device) if i % 5 == 0 else torch.randn(i % 13 + 1, device=device)
+               for i in range(1300)]
+    tensors[1201][0] = NAN
+    out = nanops.nonfinite_counts(tensors)
+    torch.testing.assert_close(out.cpu(), reference_counts([t.cpu() for t in tensors]))
+    assert not bool(nanops.all_finite(tensors)) and nanops.ops.nonfinite_flag(tensors).item() == 1.0
+    assert bool(nanops.all_finite(tensors[:1200]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)")
+@pytest.mark.parametrize("count", [182, 1000])
+def test_cuda_all_finite_is_one_kernel(count):
+    tensors = [torch.randn(i % 300 + 1, device="cuda") for i in range(count)]
+    nanops.all_finite(tensors)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        nanops.all_finite(tensors)
+        nanops.ops.nonfinite_flag(tensors)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+               and "memset" not in e.name.lower()]
+    assert len(kernels) == 2, [e.name for e in kernels]

@@ -3,9 +3,11 @@
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <limits>
@@ -92,10 +94,42 @@ at::Tensor nonfinite_counts_cpu(at::TensorList tensors) {
   return out;
 }
 
+// Whether every floating tensor of the list is free of NaN/Inf, chunks checked in parallel.
+bool list_is_finite(at::TensorList tensors, const char* op) {
+  TORCH_CHECK_VALUE(!tensors.empty(), op, ": empty tensor list");
+  check_tensor_list(tensors, op, IntegerTensors::CountAsFinite);
+  std::vector<at::Tensor> copies;
+  const std::vector<FlatView> views = flat_views(tensors, copies);
+  const std::vector<cpu::Chunk> chunks = cpu::make_chunks(views);
+  std::vector<char> chunk_finite(chunks.size(), 1);
+  cpu::parallel_for_chunks(chunks, [&](int64_t c) {
+    const cpu::Chunk& chunk = chunks[c];
+    const FlatView& view = views[chunk.view];
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, view.dtype, "all_finite_cpu", [&] {
+      chunk_finite[c] = run_is_finite(static_cast<const scalar_t*>(view.data) + chunk.begin, chunk.end - chunk.begin);
+    });
+  });
+  return std::all_of(chunk_finite.begin(), chunk_finite.end(), [](char f) { return f != 0; });
+}
+
+at::Tensor all_finite_cpu(at::TensorList tensors) {
+  at::Tensor out = at::empty({}, at::TensorOptions().dtype(at::kBool));
+  *out.data_ptr<bool>() = list_is_finite(tensors, "all_finite");
+  return out;
+}
+
+at::Tensor nonfinite_flag_cpu(at::TensorList tensors) {
+  at::Tensor out = at::empty({1}, at::TensorOptions().dtype(at::kFloat));
+  *out.data_ptr<float>() = list_is_finite(tensors, "nonfinite_flag") ? 0.0f : 1.0f;
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nanops, CPU, m) {
   m.impl("nonfinite_counts", &nonfinite_counts_cpu);
+  m.impl("all_finite", &all_finite_cpu);
+  m.impl("nonfinite_flag", &nonfinite_flag_cpu);
 }
 
 }  // namespace nanops

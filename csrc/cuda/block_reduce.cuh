@@ -18,11 +18,13 @@ struct MaxOp {
   __device__ __forceinline__ T operator()(T a, T b) const { return a > b ? a : b; }
 };
 
-template <typename T, typename Op>
+// Reduces over groups of kWidth lanes (a power of two up to 32); every lane of the warp must
+// take part, each group gets its own result.
+template <int kWidth = kWarpSize, typename T, typename Op>
 __device__ __forceinline__ T warp_reduce(T value, Op op) {
 #pragma unroll
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    value = op(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  for (int offset = kWidth / 2; offset > 0; offset /= 2) {
+    value = op(value, __shfl_xor_sync(0xffffffffu, value, offset, kWidth));
   }
   return value;
 }

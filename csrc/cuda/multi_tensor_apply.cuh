@@ -1,123 +1,154 @@
 // One launch over a whole tensor list (apex / ATen multi_tensor_apply style, our own code).
 //
-// The list is cut into fixed-size chunks; each CUDA block handles one chunk. Chunk and tensor
-// tables travel in the kernel's parameter block (no host-to-device copy, so the launches can
-// be captured in a CUDA graph); when a table fills up, that launch goes out and the next one
-// continues where it stopped. Tensors of different dtypes share a launch: each tensor slot
-// carries its dtype and the kernel switches on it once per block.
+// The list is cut into fixed-size chunks; each CUDA block handles one chunk. The tensor table
+// travels in the kernel's parameter block (no host-to-device copy, so launches can be captured
+// in a CUDA graph). CUDA 12.1+ on Volta and newer takes 32764 bytes of parameters, so a table
+// holds 1152 tensors and any number of chunks: a block finds its tensor by a binary search over
+// the tensors' first chunk numbers. yolov5s's 182 grads and a 1e9-element tensor are one launch
+// each; only lists longer than 1152 tensors take more. Short lists use a 64-entry table, so the
+// driver copies 1.5 KB of parameters per launch instead of 28 KB. Tensors of different dtypes
+// share a launch: each slot carries its dtype, switched on once per block.
 #pragma once
 
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <vector>
 
+#include "cuda/elem.cuh"
 #include "cuda/launch.h"
 
 namespace nanops::cuda {
 
 constexpr int64_t kChunkSize = 65536;  // elements per block
 constexpr int kBlockThreads = 512;
-// Sized so that TensorListMeta stays under the classic 4 KB kernel-parameter limit.
-constexpr int kMaxTensorsPerLaunch = 64;
-constexpr int kMaxChunksPerLaunch = 320;
+// Four blocks of 512 threads fill an SM (2048 threads): at most 32 registers per thread.
+constexpr int kMinBlocksPerSM = 4;
+constexpr int kMaxKernelParamBytes = 32764;  // CUDA >= 12.1, compute capability >= 7.0
+constexpr int kSmallTable = 64;
+constexpr int kLargeTable = 1152;
 
+template <int kCapacity>
 struct TensorListMeta {
-  void* data[kMaxTensorsPerLaunch];
-  int64_t numel[kMaxTensorsPerLaunch];
-  int32_t index[kMaxTensorsPerLaunch];  // position in the caller's list
-  ElemType type[kMaxTensorsPerLaunch];
-  int16_t chunk_slot[kMaxChunksPerLaunch];      // tensor slot of each block's chunk
-  int32_t chunk_in_tensor[kMaxChunksPerLaunch];  // chunk number within that tensor
-  int64_t first_chunk_id;  // global number of this launch's first chunk (for partial buffers)
+  void* data[kCapacity];
+  int64_t numel[kCapacity];
+  int32_t first_chunk[kCapacity + 1];  // chunk (within this launch) where each tensor starts; [n] = total
+  int32_t index[kCapacity];            // position in the caller's list
+  ElemType type[kCapacity];
+  int32_t num_tensors;
+  int64_t first_chunk_id;  // global number of this launch's chunk 0 (rows of partial buffers)
 };
-static_assert(sizeof(TensorListMeta) <= 4096, "kernel parameter block too large");
 
 inline int64_t num_chunks(const DeviceView& view) { return (view.numel + kChunkSize - 1) / kChunkSize; }
 
+// The slot whose chunks contain `chunk`: the last s with first_chunk[s] <= chunk. Every thread
+// of the block computes the same answer from the same constant-bank words.
+template <int kCapacity>
+__device__ __forceinline__ int find_slot(const TensorListMeta<kCapacity>& meta, int32_t chunk) {
+  int lo = 0, hi = meta.num_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (meta.first_chunk[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
 // Op must provide: template <typename T> __device__ void operator()(T* chunk, int64_t n,
-// int64_t tensor_index, int64_t chunk_id) const, called by all threads of the block.
-template <typename Op>
-__global__ void __launch_bounds__(kBlockThreads) multi_tensor_kernel(TensorListMeta meta, Op op) {
-  const int slot = meta.chunk_slot[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(meta.chunk_in_tensor[blockIdx.x]) * kChunkSize;
+// int64_t tensor_index, int64_t chunk_id) const, called by all threads of the block, with T one
+// of float, double, __half, __nv_bfloat16.
+template <int kCapacity, typename Op>
+__global__ void __launch_bounds__(kBlockThreads, kMinBlocksPerSM)
+    multi_tensor_kernel(const __grid_constant__ TensorListMeta<kCapacity> meta, const __grid_constant__ Op op) {
+  const int32_t chunk = static_cast<int32_t>(blockIdx.x);
+  const int slot = find_slot(meta, chunk);
+  const int64_t begin = static_cast<int64_t>(chunk - meta.first_chunk[slot]) * kChunkSize;
   const int64_t n = min(kChunkSize, meta.numel[slot] - begin);
   const int64_t index = meta.index[slot];
-  const int64_t chunk_id = meta.first_chunk_id + blockIdx.x;
+  const int64_t chunk_id = meta.first_chunk_id + chunk;
   switch (meta.type[slot]) {
-    case ElemType::Float:
-      op(static_cast<float*>(meta.data[slot]) + begin, n, index, chunk_id);
-      break;
-    case ElemType::Half:
-      op(static_cast<c10::Half*>(meta.data[slot]) + begin, n, index, chunk_id);
-      break;
-    case ElemType::BFloat16:
-      op(static_cast<c10::BFloat16*>(meta.data[slot]) + begin, n, index, chunk_id);
-      break;
-    case ElemType::Double:
-      op(static_cast<double*>(meta.data[slot]) + begin, n, index, chunk_id);
-      break;
+    case ElemType::Float: op(static_cast<float*>(meta.data[slot]) + begin, n, index, chunk_id); break;
+    case ElemType::Half: op(static_cast<__half*>(meta.data[slot]) + begin, n, index, chunk_id); break;
+    case ElemType::BFloat16: op(static_cast<__nv_bfloat16*>(meta.data[slot]) + begin, n, index, chunk_id); break;
+    case ElemType::Double: op(static_cast<double*>(meta.data[slot]) + begin, n, index, chunk_id); break;
   }
 }
 
-// Launches multi_tensor_kernel over every chunk of `views`, as few launches as the parameter
-// tables allow. Chunk ids run 0 .. total_chunks(views)-1 in list order. Returns the first
-// launch error (later launches are not made).
-template <typename Op>
-cudaError_t multi_tensor_apply(const std::vector<DeviceView>& views, cudaStream_t stream, const Op& op) {
-  TensorListMeta meta;
+template <int kCapacity, typename Op>
+cudaError_t multi_tensor_launches(const std::vector<DeviceView>& views, cudaStream_t stream, const Op& op) {
+  static_assert(sizeof(TensorListMeta<kCapacity>) + sizeof(Op) <= kMaxKernelParamBytes,
+                "kernel parameter block too large");
+  TensorListMeta<kCapacity> meta;  // only the first n slots are filled; the driver copies the whole block
   meta.first_chunk_id = 0;
-  int num_tensors = 0;
-  int num_chunks_in_launch = 0;
+  int n = 0;
+  int64_t chunks = 0;
   auto launch = [&] {
-    multi_tensor_kernel<<<num_chunks_in_launch, kBlockThreads, 0, stream>>>(meta, op);
-    meta.first_chunk_id += num_chunks_in_launch;
-    num_tensors = 0;
-    num_chunks_in_launch = 0;
+    meta.first_chunk[n] = static_cast<int32_t>(chunks);
+    meta.num_tensors = n;
+    multi_tensor_kernel<kCapacity, Op><<<static_cast<unsigned>(chunks), kBlockThreads, 0, stream>>>(meta, op);
+    meta.first_chunk_id += chunks;
+    n = 0;
+    chunks = 0;
     return cudaGetLastError();
   };
   for (const DeviceView& view : views) {
-    int slot = -1;
-    const int64_t chunks = num_chunks(view);
-    for (int64_t c = 0; c < chunks; ++c) {
-      const bool tables_full = num_chunks_in_launch == kMaxChunksPerLaunch ||
-                               (slot < 0 && num_tensors == kMaxTensorsPerLaunch);
-      if (tables_full) {
-        if (const cudaError_t err = launch(); err != cudaSuccess) return err;
-        slot = -1;  // a tensor split across launches takes a fresh slot in the next one
-      }
-      if (slot < 0) {
-        slot = num_tensors++;
-        meta.data[slot] = view.data;
-        meta.numel[slot] = view.numel;
-        meta.index[slot] = static_cast<int32_t>(view.index);
-        meta.type[slot] = view.type;
-      }
-      meta.chunk_slot[num_chunks_in_launch] = static_cast<int16_t>(slot);
-      meta.chunk_in_tensor[num_chunks_in_launch] = static_cast<int32_t>(c);
-      ++num_chunks_in_launch;
+    const int64_t c = num_chunks(view);
+    if (n == kCapacity || chunks + c > int64_t{0x7fffffff}) {
+      if (const cudaError_t err = launch(); err != cudaSuccess) return err;
     }
+    meta.data[n] = view.data;
+    meta.numel[n] = view.numel;
+    meta.first_chunk[n] = static_cast<int32_t>(chunks);
+    meta.index[n] = static_cast<int32_t>(view.index);
+    meta.type[n] = view.type;
+    ++n;
+    chunks += c;
   }
-  return num_chunks_in_launch > 0 ? launch() : cudaSuccess;
+  return n > 0 ? launch() : cudaSuccess;
 }
 
-// Visits the n elements of a chunk, each thread a strided share, with 16-byte loads when the
-// chunk is aligned for them (chunks start at multiples of kChunkSize, so only the tensor's
-// base address decides).
-template <typename T, typename Fn>
+// Launches multi_tensor_kernel over every chunk of `views` (empty views must be left out by the
+// caller), in as few launches as the table allows. Chunk ids run 0 .. total_chunks(views)-1 in
+// list order. Returns the first launch error (later launches are not made).
+template <typename Op>
+cudaError_t multi_tensor_apply(const std::vector<DeviceView>& views, cudaStream_t stream, const Op& op) {
+  if (views.size() <= static_cast<size_t>(kSmallTable)) return multi_tensor_launches<kSmallTable>(views, stream, op);
+  return multi_tensor_launches<kLargeTable>(views, stream, op);
+}
+
+// Number of launches multi_tensor_apply makes for `views` (reported by the benchmarks).
+inline int64_t multi_tensor_launch_count(const std::vector<DeviceView>& views) {
+  const int64_t capacity = views.size() <= static_cast<size_t>(kSmallTable) ? kSmallTable : kLargeTable;
+  return views.empty() ? 0 : (static_cast<int64_t>(views.size()) + capacity - 1) / capacity;
+}
+
+// Visits the n elements of a chunk, each thread a strided share: 16-byte loads when the chunk is
+// aligned for them (chunks start at multiples of kChunkSize, so only the tensor's base address
+// decides), kUnroll of them issued before any is used; then a scalar tail. At four 512-thread
+// blocks per SM, two loads per thread in flight already cover the memory latency.
+template <int kUnroll = 4, typename T, typename Fn>
 __device__ __forceinline__ void for_each_element(const T* data, int64_t n, Fn&& fn) {
   constexpr int kVec = 16 / sizeof(T);
-  struct alignas(16) Pack {
-    T v[kVec];
-  };
   int64_t tail_begin = 0;
   if (reinterpret_cast<uintptr_t>(data) % 16 == 0) {
-    const Pack* packs = reinterpret_cast<const Pack*>(data);
     const int64_t num_packs = n / kVec;
-    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) {
-      const Pack pack = packs[i];
+    const int64_t stride = blockDim.x;
+    int64_t i = threadIdx.x;
+    for (; i + (kUnroll - 1) * stride < num_packs; i += kUnroll * stride) {
+      Pack<T, kVec> packs[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) packs[u] = load_pack<T, kVec>(data + (i + u * stride) * kVec);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) fn(packs[u].v[j]);
+      }
+    }
+    for (; i < num_packs; i += stride) {
+      const Pack<T, kVec> pack = load_pack<T, kVec>(data + i * kVec);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) fn(pack.v[j]);
     }
@@ -130,32 +161,32 @@ __device__ __forceinline__ void for_each_element(const T* data, int64_t n, Fn&& 
 template <typename T, typename Fn>
 __device__ __forceinline__ void transform_elements(T* data, int64_t n, Fn&& fn) {
   constexpr int kVec = 16 / sizeof(T);
-  struct alignas(16) Pack {
-    T v[kVec];
-  };
+  constexpr int kUnroll = 4;
   int64_t tail_begin = 0;
   if (reinterpret_cast<uintptr_t>(data) % 16 == 0) {
-    Pack* packs = reinterpret_cast<Pack*>(data);
     const int64_t num_packs = n / kVec;
-    for (int64_t i = threadIdx.x; i < num_packs; i += blockDim.x) {
-      Pack pack = packs[i];
+    const int64_t stride = blockDim.x;
+    int64_t i = threadIdx.x;
+    for (; i + (kUnroll - 1) * stride < num_packs; i += kUnroll * stride) {
+      Pack<T, kVec> packs[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) packs[u] = load_pack<T, kVec>(data + (i + u * stride) * kVec);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) packs[u].v[j] = fn(packs[u].v[j]);
+        store_pack<T, kVec>(data + (i + u * stride) * kVec, packs[u]);
+      }
+    }
+    for (; i < num_packs; i += stride) {
+      Pack<T, kVec> pack = load_pack<T, kVec>(data + i * kVec);
 #pragma unroll
       for (int j = 0; j < kVec; ++j) pack.v[j] = fn(pack.v[j]);
-      packs[i] = pack;
+      store_pack<T, kVec>(data + i * kVec, pack);
     }
     tail_begin = num_packs * kVec;
   }
   for (int64_t i = tail_begin + threadIdx.x; i < n; i += blockDim.x) data[i] = fn(data[i]);
 }
-
-// float for the 16-bit types and float32, double for float64.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
 
 }  // namespace nanops::cuda

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from ..clip import clip_grad_norm_
+from ..clip import clip_coef_for_fused_step, clip_grad_norm_
 from .locate import RngState, _cuda_devices, locate_step
 from .snapshot import NormBufferSnapshot
 from .watch import Finding
@@ -112,17 +112,19 @@ def _step(
     device = _grad_device(params)
     found_inf = torch.zeros(1, device=device)
     inv_scale = scaler._scale.double().reciprocal().float() if amp else None
-    total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
     skipped: bool | None = None
     if locate is None and _skips_on_device(optimizer):
-        # The optimizer's kernel reads found_inf and leaves params and state alone when it is 1.
-        # The grads are unscaled already (the clip did it), so no grad_scale.
-        optimizer.grad_scale, optimizer.found_inf = None, found_inf.view(())  # 0-dim, as GradScaler passes
+        # The optimizer's kernel reads found_inf and leaves params and state alone when it is 1,
+        # and divides the grads by grad_scale as it reads them: the unscale and the clip ride on
+        # the step, so the grads are read once by the norm and never rewritten by the clip.
+        total_norm, divisor = clip_coef_for_fused_step(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
+        optimizer.grad_scale, optimizer.found_inf = divisor, found_inf.view(())  # 0-dim, as GradScaler passes
         try:
             optimizer.step()
         finally:
             del optimizer.grad_scale, optimizer.found_inf
     else:
+        total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
         skipped = bool(found_inf.item())  # the one host sync of the step
         if not skipped:
             optimizer.step()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
-from ..ops import nonfinite_counts
+from ..ops import nonfinite_flag
 from .snapshot import NormBufferSnapshot
 
 
@@ -84,8 +84,7 @@ class GradScaler(torch.amp.GradScaler):
         if state["stage"] is OptState.STEPPED:
             raise RuntimeError("unscale_() is being called after step().")
         state["found_inf_per_device"] = {
-            device: (nonfinite_counts(grads).sum() > 0).float().reshape(1)
-            for device, grads in _optimizer_grads(optimizer).items()
+            device: nonfinite_flag(grads) for device, grads in _optimizer_grads(optimizer).items()
         }
         state["stage"] = OptState.UNSCALED
 

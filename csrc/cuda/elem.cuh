@@ -1,0 +1,106 @@
+// The element types of the kernels, seen through CUDA's own headers only (no c10): loads,
+// widening to the accumulation type, rounding back, and NaN/Inf tests on the exponent bits.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda/launch.h"
+
+namespace nanops::cuda {
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  using acc = float;
+  using bits = uint32_t;
+  static constexpr bits kExp = 0x7f800000u;
+  static constexpr bits kMant = 0x007fffffu;
+  static constexpr bits kSign = 0x80000000u;
+  __device__ __forceinline__ static float widen(float v) { return v; }
+  __device__ __forceinline__ static float narrow(float v) { return v; }
+};
+
+template <>
+struct Elem<double> {
+  using acc = double;
+  using bits = uint64_t;
+  static constexpr bits kExp = 0x7ff0000000000000ull;
+  static constexpr bits kMant = 0x000fffffffffffffull;
+  static constexpr bits kSign = 0x8000000000000000ull;
+  __device__ __forceinline__ static double widen(double v) { return v; }
+  __device__ __forceinline__ static double narrow(double v) { return v; }
+};
+
+template <>
+struct Elem<__half> {
+  using acc = float;
+  using bits = uint16_t;
+  static constexpr bits kExp = 0x7c00u;
+  static constexpr bits kMant = 0x03ffu;
+  static constexpr bits kSign = 0x8000u;
+  __device__ __forceinline__ static float widen(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half narrow(float v) { return __float2half_rn(v); }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  using acc = float;
+  using bits = uint16_t;
+  static constexpr bits kExp = 0x7f80u;
+  static constexpr bits kMant = 0x007fu;
+  static constexpr bits kSign = 0x8000u;
+  __device__ __forceinline__ static float widen(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 narrow(float v) { return __float2bfloat16_rn(v); }
+};
+
+template <typename T>
+using acc_t = typename Elem<T>::acc;
+
+template <typename T>
+__device__ __forceinline__ typename Elem<T>::bits bits_of(T v) {
+  typename Elem<T>::bits b;
+  static_assert(sizeof(b) == sizeof(v), "bit width");
+  __builtin_memcpy(&b, &v, sizeof(v));
+  return b;
+}
+
+// NaN or +-Inf: every exponent bit set (one AND and one compare, no conversion).
+template <typename T>
+__device__ __forceinline__ bool is_nonfinite_bits(T v) {
+  return (bits_of(v) & Elem<T>::kExp) == Elem<T>::kExp;
+}
+
+// `count` elements of T in one aligned load (16 bytes at most per instruction).
+template <typename T, int kCount>
+struct alignas(sizeof(T) * kCount <= 16 ? sizeof(T) * kCount : 16) Pack {
+  T v[kCount];
+};
+
+template <typename T, int kCount>
+__device__ __forceinline__ Pack<T, kCount> load_pack(const T* p) {
+  return *reinterpret_cast<const Pack<T, kCount>*>(p);
+}
+
+template <typename T, int kCount>
+__device__ __forceinline__ void store_pack(T* p, const Pack<T, kCount>& pack) {
+  *reinterpret_cast<Pack<T, kCount>*>(p) = pack;
+}
+
+// Calls fn(T{}) with the device type of `type` (__half and __nv_bfloat16 for the 16-bit ones).
+template <typename Fn>
+inline void with_elem_type(ElemType type, Fn&& fn) {
+  switch (type) {
+    case ElemType::Float: fn(float{}); break;
+    case ElemType::Double: fn(double{}); break;
+    case ElemType::Half: fn(__half{}); break;
+    case ElemType::BFloat16: fn(__nv_bfloat16{}); break;
+  }
+}
+
+}  // namespace nanops::cuda
