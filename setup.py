@@ -99,7 +99,9 @@ setup(
     cmdclass={"build_ext": _build_ext()},
     entry_points={"console_scripts": ["nanops=nanops.cli:main"]},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "pyyaml", "numpy"],
+    # Tested: torch 2.11 (the GPU machines' build, CUDA 13) and 2.14.1 (CI); the whole suite
+    # passes on both. Older releases lack the 32 KB kernel-parameter launch tables' CUDA 12.1+.
+    install_requires=["torch>=2.11", "pyyaml", "numpy"],
     # `pip install nanops[yolov5]`: the yolov5 stack of `nanops train/demo/check`, with the pins it
     # needs (setuptools < 81 keeps pkg_resources; numpy < 2.4 keeps np.trapz; pillow < 10 keeps getsize).
     extras_require={

@@ -58,6 +58,10 @@ def main(argv=None) -> list[dict]:
         ("yolov5s-transformer params (182)", yolov5_transformer_grads(device)),
         ("1000 small tensors", [torch.randn(64 + i % 200, device=device) for i in range(1000)]),
     ]
+    if device.type == "cuda":
+        # 1e9 bfloat16 parameters (a 1B-parameter model's grads, 2 GB) in 100 tensors.
+        lists.append(("1e9 bf16 params", [torch.randn(10_000_000, device=device, dtype=torch.bfloat16)
+                                           for _ in range(100)]))
     for name, grads in lists:
         nbytes = sum(g.numel() * g.element_size() for g in grads)
         found_inf = torch.zeros(1, device=device)

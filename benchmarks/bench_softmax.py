@@ -42,7 +42,7 @@ def main(argv=None) -> list[dict]:
     rows = []
     shapes = [(16, 4, 400, 400), (16 if device.type == "cuda" else 2, 4, 1600, 1600)]
     for shape in shapes:
-        for dtype in (torch.float32, torch.float16):
+        for dtype in (torch.float32, torch.float16) + ((torch.bfloat16,) if device.type == "cuda" else ()):
             scale = 64 ** -0.5
             nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
             copies = rotation_count(nbytes)

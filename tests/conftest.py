@@ -40,6 +40,16 @@ class BlockNanops(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, BlockNanops())
 os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
 os.environ["YOLO_OFFLINE"] = "1"
+# yolov5 7.0.14 itself imports this private module on every train/val; newer huggingface_hub
+# releases moved it (nanops.yolov5.env does the same for nanops' runs).
+try:
+    import huggingface_hub.utils._errors
+except ModuleNotFoundError:
+    import huggingface_hub.errors
+    sys.modules["huggingface_hub.utils._errors"] = huggingface_hub.errors
+import numpy
+if not hasattr(numpy, "trapz"):
+    numpy.trapz = numpy.trapezoid
 """
 
 

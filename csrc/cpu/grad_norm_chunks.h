@@ -3,6 +3,7 @@
 // chosen at run time in grad_norm.cpp. NANOPS_CPU_VARIANT names the namespace of this copy.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>  // convert_to_float / convert_from_float for 16-bit types
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>

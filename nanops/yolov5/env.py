@@ -18,6 +18,41 @@ def prepare_environment() -> None:
         os.environ.setdefault(var, str(cache))
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     _provide_font(Path(os.environ["YOLOV5_CONFIG_DIR"]))
+    _restore_removed_apis()
+
+
+def _restore_removed_apis() -> None:
+    """yolov5 7.0.14 calls what newer releases of its dependencies removed: NumPy 2.4's np.trapz
+    (validation's mAP), Pillow 10's FreeTypeFont.getsize (plot labels) and huggingface_hub's
+    private module utils._errors (imported by every train.py run, for the exception classes that
+    now live in huggingface_hub.errors). Each is given back under its old name, pointing at its
+    successor, so `nanops train` runs on what a current environment (a GPU image, say) has;
+    nothing else changes."""
+    import importlib
+    import sys
+
+    import numpy as np
+
+    if not hasattr(np, "trapz") and hasattr(np, "trapezoid"):
+        np.trapz = np.trapezoid
+    try:
+        from PIL import ImageFont
+    except ImportError:
+        ImageFont = None
+    if ImageFont is not None and not hasattr(ImageFont.FreeTypeFont, "getsize"):
+        def getsize(font, text, *args, **kwargs):
+            left, top, right, bottom = font.getbbox(text, *args, **kwargs)
+            return right - left, bottom - top
+
+        ImageFont.FreeTypeFont.getsize = getsize
+    if "huggingface_hub.utils._errors" not in sys.modules:
+        try:
+            importlib.import_module("huggingface_hub.utils._errors")
+        except ModuleNotFoundError:
+            try:
+                sys.modules["huggingface_hub.utils._errors"] = importlib.import_module("huggingface_hub.errors")
+            except ImportError:
+                pass  # no huggingface_hub at all: yolov5 reports that itself
 
 
 def _provide_font(config_dir: Path) -> None:

@@ -1,0 +1,171 @@
+"""The failure nanops was started for, on a GPU: yolov5s-transformer trained with AMP by plain
+`yolov5 train` and by `nanops train`, same seed, same synthetic data, per-epoch records.
+
+    python benchmarks/gpu/seed_training.py --out DIR [--epochs 3] [--img 640] [--images 32]
+                                           [--c3tr-input-scale auto|S]
+
+Both runs are yolov5's own train.py (nanops train swaps in its protection from outside). Per
+epoch: train loss, val loss, mAP@.5, optimizer steps skipped, the GradScaler's scale at the
+epoch's end; at the end, whether every weight and buffer of last.pt is finite.
+
+With --c3tr-input-scale S every C3TR's input is multiplied by S in both runs (larger activations
+entering the transformer block, so that its q.k logits overflow float16 as in the report that
+started nanops). "auto" first trains plain at S = 1 and, if that run stays finite, trains both
+at S = 256 and says so. Writes DIR/seed_training.json and prints a table. --device cpu runs the
+same plumbing on tiny images without AMP (the check's CPU mode).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from nanops.tools.synthetic import write_yolo_dataset
+from nanops.yolov5 import transformer_yaml
+from nanops.yolov5.env import prepare_environment, quiet_yolov5_import
+
+
+@contextlib.contextmanager
+def recorded_scaler_updates(log: list[dict]):
+    """Every GradScaler.update() (torch's and nanops', which calls torch's): the scale after it
+    and whether the step before it found inf; epochs counted at each LR scheduler step."""
+    from torch.optim.lr_scheduler import LRScheduler
+
+    epoch = {"n": -1}
+    original_update, original_sched = torch.amp.GradScaler.update, LRScheduler.step
+
+    def update(self, new_scale=None):
+        found = None
+        if self.is_enabled() and self._per_optimizer_states:
+            found = sum(float(v.sum()) for state in self._per_optimizer_states.values()
+                        for v in state.get("found_inf_per_device", {}).values())
+        original_update(self, new_scale)
+        scale = float(self._scale) if self.is_enabled() and self._scale is not None else 1.0
+        log.append({"epoch": max(epoch["n"], 0), "scale": scale, "found_inf": bool(found)})
+
+    def sched_step(self, *args, **kwargs):
+        epoch["n"] += 1  # __init__ calls step() once: epoch 0 starts there
+        return original_sched(self, *args, **kwargs)
+
+    torch.amp.GradScaler.update, LRScheduler.step = update, sched_step
+    try:
+        yield
+    finally:
+        torch.amp.GradScaler.update, LRScheduler.step = original_update, original_sched
+
+
+@contextlib.contextmanager
+def scaled_c3tr_input(scale: float):
+    if scale == 1.0:
+        yield
+        return
+    C3TR = quiet_yolov5_import("yolov5.models.common").C3TR
+
+    def pre_hook(module, args):
+        if isinstance(module, C3TR):
+            return (args[0] * scale,) + tuple(args[1:])
+        return None
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(pre_hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def results_rows(save_dir: Path) -> list[dict]:
+    with (save_dir / "results.csv").open() as f:
+        rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(f)]
+    return [{"train_loss": sum(float(r[f"train/{k}_loss"]) for k in ("box", "obj", "cls")),
+             "val_loss": sum(float(r[f"val/{k}_loss"]) for k in ("box", "obj", "cls")),
+             "map50": float(r["metrics/mAP_0.5"])} for r in rows]
+
+
+def weights_finite(save_dir: Path) -> bool:
+    ckpt = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    tensors = [t for t in ckpt["model"].state_dict().values() if t.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def train_once(which: str, flags: dict, c3tr_scale: float) -> dict:
+    from nanops.yolov5.train import run, run_plain
+
+    updates: list[dict] = []
+    t0 = time.perf_counter()
+    with recorded_scaler_updates(updates), scaled_c3tr_input(c3tr_scale):
+        if which == "plain":
+            save_dir = run_plain(name=f"plain-s{c3tr_scale:g}", **flags)
+        else:
+            save_dir = Path(run(name=f"nanops-s{c3tr_scale:g}", **flags).save_dir)
+    epochs = results_rows(save_dir)
+    for e, row in enumerate(epochs):
+        mine = [u for u in updates if u["epoch"] == e]
+        row.update(epoch=e, skipped=sum(u["found_inf"] for u in mine), steps=len(mine),
+                   scale=mine[-1]["scale"] if mine else None)
+    return {"run": which, "c3tr_input_scale": c3tr_scale, "seconds": round(time.perf_counter() - t0, 1),
+            "weights_finite": weights_finite(save_dir), "epochs": epochs}
+
+
+def finite_run(result: dict) -> bool:
+    return result["weights_finite"] and all(math.isfinite(e["val_loss"]) for e in result["epochs"])
+
+
+def print_table(results: list[dict]) -> None:
+    for r in results:
+        print(f"\n{r['run']} (C3TR input x{r['c3tr_input_scale']:g}, {r['seconds']} s, weights finite: "
+              f"{r['weights_finite']})")
+        print(f"{'epoch':>5} {'train loss':>11} {'val loss':>10} {'mAP@.5':>8} {'skipped':>9} {'scale':>10}")
+        for e in r["epochs"]:
+            print(f"{e['epoch']:>5} {e['train_loss']:>11.4g} {e['val_loss']:>10.4g} {e['map50']:>8.4f} "
+                  f"{e['skipped']:>4}/{e['steps']:<4} {e['scale'] if e['scale'] is not None else '-':>10}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="0" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--img", type=int, default=640)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--c3tr-input-scale", default="auto")
+    args = parser.parse_args(argv)
+    prepare_environment()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = write_yolo_dataset(out / "data", num_train=args.images, num_val=max(4, args.images // 4), size=args.img)
+    flags = dict(data=str(data), cfg=str(transformer_yaml()), weights="", epochs=args.epochs, batch_size=args.batch,
+                 imgsz=args.img, workers=2, device=args.device, project=str(out / "runs"), exist_ok=True,
+                 noplots=True, seed=0)
+    results = []
+    if args.c3tr_input_scale == "auto":
+        first = train_once("plain", flags, 1.0)
+        results.append(first)
+        scale = 1.0 if not finite_run(first) else 256.0
+        if scale != 1.0:
+            print("plain yolov5 stayed finite at the default setting: both runs again with every C3TR input x256")
+    else:
+        scale = float(args.c3tr_input_scale)
+    if not results or scale != 1.0:
+        results.append(train_once("plain", flags, scale))
+    results.append(train_once("nanops", flags, scale))
+    print_table(results)
+    plain, ours = results[-2], results[-1]
+    verdict = {"plain_nonfinite": not finite_run(plain), "nanops_finite": finite_run(ours),
+               "map_at_least_plain": ours["epochs"][-1]["map50"] >= plain["epochs"][-1]["map50"]}
+    summary = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
+               "torch": torch.__version__, "amp": args.device != "cpu", "results": results, "verdict": verdict}
+    (out / "seed_training.json").write_text(json.dumps(summary, indent=1))
+    print(f"\nverdict: {verdict}")
+    return 0 if verdict["nanops_finite"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
