@@ -25,6 +25,32 @@ def _check_mask_dtype(mask: torch.Tensor | None, name: str) -> None:
         raise AssertionError(f"only bool and floating types of {name} are supported")
 
 
+def _check_float_mask_dtype(mask: torch.Tensor | None, name: str, query: torch.Tensor) -> None:
+    # torch adds a float mask to the logits with baddbmm (or hands it to scaled_dot_product_
+    # attention), both of which refuse a float mask of another dtype than the query's outside
+    # autocast; accepting it would make the drop-in less strict than what it replaces.
+    if (mask is not None and mask.dtype.is_floating_point and mask.dtype != query.dtype
+            and not torch.is_autocast_enabled(query.device.type)):
+        raise RuntimeError(f"Expected {name} dtype to be bool or to match query dtype, got {name} {mask.dtype} "
+                           f"and query {query.dtype}")
+
+
+_SOFTMAX_DTYPES: dict[tuple[str, torch.dtype, torch.dtype], torch.dtype] = {}
+
+
+def _softmax_dtype(device: torch.device, input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype torch.softmax gives for the attention logits torch's MHA forms (bmm of the
+    inputs): found once per device type and autocast dtype by asking torch on one element."""
+    if not torch.is_autocast_enabled(device.type):
+        return input_dtype
+    lowp = torch.get_autocast_dtype(device.type)
+    key = (device.type, lowp, input_dtype)
+    if key not in _SOFTMAX_DTYPES:
+        probe = torch.zeros(1, 1, 1, device=device, dtype=input_dtype)
+        _SOFTMAX_DTYPES[key] = torch.softmax(torch.bmm(probe, probe), -1).dtype
+    return _SOFTMAX_DTYPES[key]
+
+
 def _as_additive(mask: torch.Tensor) -> torch.Tensor:
     """MHA's bool mask (True = not allowed) as an additive float32 mask."""
     if mask.dtype == torch.bool:
@@ -115,6 +141,13 @@ def multi_head_attention(
     if is_causal and attn_mask is None:
         raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer module "
                            "method `generate_square_subsequent_mask` to create this mask.")
+    # torch's rule: without weights or a key padding mask, the is_causal hint replaces attn_mask
+    # (its scaled_dot_product_attention then masks causally, whatever attn_mask held).
+    causal = is_causal and key_padding_mask is None and not need_weights
+    if causal:
+        attn_mask = None
+    _check_float_mask_dtype(attn_mask, "attn_mask", query)
+    _check_float_mask_dtype(key_padding_mask, "key_padding_mask", query)
 
     tgt_len, bsz, embed_dim = query.shape
     num_heads = mha.num_heads
@@ -149,6 +182,8 @@ def multi_head_attention(
         acc = torch.promote_types(q.dtype, torch.float32)
         logits = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2)).view(bsz, num_heads, tgt_len, src_len)
     mask = combined_mask(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len)
+    if causal:  # scaled_dot_product_attention's is_causal: position j takes part for j <= i
+        mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril()
     probs = stable_softmax(logits, -1, scale=1.0 / math.sqrt(head_dim), mask=mask).view(bsz * num_heads, tgt_len,
                                                                                         src_len)
     if mha.dropout > 0.0 and mha.training:
@@ -158,8 +193,9 @@ def multi_head_attention(
 
     weights = None
     if need_weights:
-        # Under autocast torch's softmax answers float32; otherwise the inputs' dtype.
-        weights = probs if torch.is_autocast_enabled(q.device.type) else probs.to(query.dtype)
+        # The dtype torch's softmax answers in: the inputs' without autocast; under autocast what
+        # its policy for softmax says on this device (float32 on CUDA, the autocast dtype on CPU).
+        weights = probs.to(_softmax_dtype(q.device, query.dtype))
         weights = weights.view(bsz, num_heads, tgt_len, src_len)
         if average_attn_weights:
             weights = weights.mean(dim=1)

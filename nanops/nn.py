@@ -58,12 +58,24 @@ class MultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """query (L, N, E) ((N, L, E) with batch_first, (L, E) unbatched), key/value likewise with
         S and kdim/vdim. Returns (attn_output, attn_weights) as torch.nn.MultiheadAttention."""
+        if query.is_nested or key.is_nested or value.is_nested:
+            # torch runs nested tensors only on its own paths (the fused eval-mode kernel, or its
+            # own clear error): the same call, unchanged.
+            return nn.MultiheadAttention.forward(self, query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                 average_attn_weights, is_causal)
         batched_first = self.batch_first and query.dim() == 3
         if batched_first:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         out, weights = multi_head_attention(self, query, key, value, key_padding_mask, need_weights, attn_mask,
                                             average_attn_weights, is_causal)
         return (out.transpose(0, 1) if batched_first else out), weights
+
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            "torch.jit.script: nanops.nn.MultiheadAttention cannot be scripted; script a model built with "
+            "torch.nn.MultiheadAttention, or export this one with torch.jit.trace / torch.export / ONNX, which keep "
+            "the stable softmax as standard ops.")
 
 
 class TransformerLayer(nn.Module):

@@ -2,6 +2,7 @@
 corrupt batch (CPU, 64 px, 8 images, 2 epochs)."""
 import csv
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,45 @@ def test_cli_bad_flags_and_missing_data_get_yolov5s_messages(tmp_path, capsys):
                  "--weights", "", "--project", str(tmp_path), "--device", "cpu"])
     assert code == 2
     assert "missing.yaml" in capsys.readouterr().err
+
+
+class _Evil:
+    """What a crafted checkpoint holds: unpickling it runs a shell command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_torch_load_safety_is_kept_and_only_yolov5_checkpoints_pass(runs, tmp_path, monkeypatch, capsys):
+    from nanops.cli import main
+    from nanops.yolov5.env import checkpoint_loading
+
+    assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # nanops no longer turns torch's check off
+    _, nanops_dir, _, data = runs
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": _Evil(marker)}, evil)
+    code = main(["train", "--data", str(data), "--cfg", str(transformer_yaml()), "--weights", str(evil), "--img", "64",
+                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--project",
+                 str(tmp_path), "--name", "evil", "--noplots"])
+    err = capsys.readouterr().err
+    assert code == 2 and not marker.exists()
+    assert "refusing to load" in err and "posix.system" in err and "NANOPS_TRUST_CHECKPOINTS" in err
+    # yolov5's own checkpoints load under the same rule (and resume training from them).
+    with checkpoint_loading():
+        ckpt = torch.load(nanops_dir / "weights" / "last.pt", map_location="cpu")
+    assert type(ckpt["model"]).__name__ == "DetectionModel"
+    code = main(["train", "--data", str(data), "--weights", str(nanops_dir / "weights" / "last.pt"), "--img", "64",
+                 "--epochs", "1", "--batch-size", "4", "--workers", "0", "--device", "cpu", "--project",
+                 str(tmp_path), "--name", "finetune", "--noplots"])
+    assert code == 0 and (tmp_path / "finetune" / "weights" / "last.pt").exists()
+    # The documented opt-in, with a warning naming the file.
+    monkeypatch.setenv("NANOPS_TRUST_CHECKPOINTS", "1")
+    with checkpoint_loading(), pytest.warns(UserWarning, match="evil.pt"):
+        torch.load(evil)
+    assert marker.exists()

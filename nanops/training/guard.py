@@ -132,8 +132,11 @@ def _step(
         snapshot.settle(found_inf)
     finding = None
     if skipped and locate is not None:
-        finding = locate_step(model, locate, parameters=params, loss_scale=scaler._scale if amp else None,
-                              rng_state=rng_state)
+        try:
+            finding = locate_step(model, locate, parameters=params, loss_scale=scaler._scale if amp else None,
+                                  rng_state=rng_state)
+        except Exception as err:  # a failing locator must not change what the step did: it is the finding
+            finding = Finding.replay_failed(err)
     if amp:
         # GradScaler.update() reads the found_inf that unscale_ would have recorded; record ours
         # (private state, stable across torch 2.x) so the scale backs off on overflow as usual.

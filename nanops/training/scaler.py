@@ -22,12 +22,35 @@ from .snapshot import NormBufferSnapshot
 
 
 def _optimizer_grads(optimizer: torch.optim.Optimizer) -> dict[torch.device, list[torch.Tensor]]:
+    """The optimizer's grads by device; a sparse grad is seen through its stored values (its
+    NaN/Inf can only be there), as torch's own unscale_ checks them."""
     grads: dict[torch.device, list[torch.Tensor]] = {}
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if p.grad is not None:
-                grads.setdefault(p.grad.device, []).append(p.grad)
+            g = p.grad
+            if g is None:
+                continue
+            if g.layout == torch.sparse_coo:
+                g = g._values()
+            elif g.layout != torch.strided:
+                g = g.values()
+            grads.setdefault(g.device, []).append(g)
     return grads
+
+
+class _Protected:
+    """A protected model's BatchNorm snapshot and which optimizers' steps it follows: it is
+    retaken once every optimizer holding the model's parameters has stepped healthy since the
+    last take, and restored when any of them skips. So with two models and two optimizers, or
+    one model split over two optimizers, a skip always restores the state before the batch,
+    whatever the order of the steps."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.snapshot = NormBufferSnapshot(model)
+        self.snapshot.take()
+        self.params = {id(p) for p in model.parameters()}
+        self.owners: set[int] = set()   # optimizers seen stepping this model's parameters
+        self.healthy: set[int] = set()  # owners that stepped healthy since the last take
 
 
 class GradScaler(torch.amp.GradScaler):
@@ -51,16 +74,16 @@ class GradScaler(torch.amp.GradScaler):
         self.total_steps = 0
         self._last_skipped = False
         self.scale_of_last_skip: torch.Tensor | None = None  # the loss scale a skipped step's backward used
-        self._snapshots: list[NormBufferSnapshot] = []
+        self._protected: list[_Protected] = []
+        self._optimizer_params: dict[int, tuple[int, set[int]]] = {}  # id -> (param count, param ids)
         self._on_skip: list[Callable[[], None]] = []
 
     # ---------------------------------------------------------------------------------------
     def protect(self, model: torch.nn.Module) -> GradScaler:
-        """Restore `model`'s BatchNorm running statistics on every skipped step. Call it before
-        the first forward of training (the snapshot is retaken after each good step)."""
-        snapshot = NormBufferSnapshot(model)
-        snapshot.take()
-        self._snapshots.append(snapshot)
+        """Restore `model`'s BatchNorm running statistics on every skipped step of an optimizer
+        holding its parameters. Call it before the first forward of training; any number of
+        models and optimizers, in any order of steps (see _Protected)."""
+        self._protected.append(_Protected(model))
         return self
 
     def on_skip(self, callback: Callable[[], None]) -> None:
@@ -75,14 +98,13 @@ class GradScaler(torch.amp.GradScaler):
     # ---------------------------------------------------------------------------------------
     def unscale_(self, optimizer: torch.optim.Optimizer) -> None:
         """AMP on: torch's unscale_. AMP off: records whether any grad is NaN/Inf (fused, on the
-        grads' device, no host sync); the grads are not changed."""
+        grads' device, no host sync); the grads are not changed, and a second call before the
+        step is a no-op (as torch's disabled scaler takes it)."""
         if self.is_enabled():
             return super().unscale_(optimizer)
         state = self._per_optimizer_states[id(optimizer)]
         if state["stage"] is OptState.UNSCALED:
-            raise RuntimeError("unscale_() has already been called on this optimizer since the last update().")
-        if state["stage"] is OptState.STEPPED:
-            raise RuntimeError("unscale_() is being called after step().")
+            return
         state["found_inf_per_device"] = {
             device: nonfinite_flag(grads) for device, grads in _optimizer_grads(optimizer).items()
         }
@@ -90,36 +112,76 @@ class GradScaler(torch.amp.GradScaler):
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
         """Steps `optimizer` unless its grads hold NaN/Inf (AMP on or off). On a skip, protected
-        models get their BatchNorm statistics back and the on_skip callbacks run."""
+        models get their BatchNorm statistics back and the on_skip callbacks run.
+
+        AMP off with a closure (`step(optimizer, closure)`): the closure runs first, its grads are
+        checked, and the optimizer gets that evaluation (a second evaluation, as LBFGS's line
+        search makes, runs the closure again). AMP on: closures are refused, as torch refuses them."""
         state = self._per_optimizer_states[id(optimizer)]
         if self.is_enabled():
             retval = super().step(optimizer, *args, **kwargs)
             skipped = self._found_any_inf(state)  # torch's step has synced on these already
         else:
-            if state["stage"] is OptState.STEPPED:
-                raise RuntimeError("step() has already been called since the last update().")
-            if state["stage"] is OptState.READY:
-                self.unscale_(optimizer)
-            skipped = self._found_any_inf(state)  # the one host sync of the step
-            retval = None if skipped else optimizer.step(*args, **kwargs)
-            state["stage"] = OptState.STEPPED
+            retval, skipped = self._disabled_step(optimizer, state, args, kwargs)
         self.total_steps += 1
         self._last_skipped = skipped
         if skipped:
             self.skipped_steps += 1
             if self.is_enabled():
                 self.scale_of_last_skip = self._scale.clone()  # update() is about to back it off
-            for snapshot in self._snapshots:
-                snapshot.restore()
+        self._settle_snapshots(optimizer, skipped)
+        if skipped:
             for callback in self._on_skip:
                 callback()
-        else:
-            for snapshot in self._snapshots:
-                snapshot.take()
         if not self.is_enabled():
             # torch's disabled update() returns at once; the per-optimizer stage is ours to reset.
             self._per_optimizer_states[id(optimizer)] = _refresh_per_optimizer_state()
         return retval
+
+    def _disabled_step(self, optimizer, state, args, kwargs):
+        closure = kwargs.pop("closure", None)
+        if closure is None and args and callable(args[0]):
+            closure, args = args[0], args[1:]
+        if closure is None:
+            if state["stage"] is OptState.READY:
+                self.unscale_(optimizer)
+            skipped = self._found_any_inf(state)  # the one host sync of the step
+            return (None if skipped else optimizer.step(*args, **kwargs)), skipped
+        with torch.enable_grad():
+            loss = closure()
+        state["stage"] = OptState.READY  # the closure made new grads: check those
+        self.unscale_(optimizer)
+        if self._found_any_inf(state):
+            return loss, True
+        evaluations = 0
+
+        def evaluated():
+            nonlocal evaluations
+            evaluations += 1
+            return loss if evaluations == 1 else closure()
+
+        return optimizer.step(evaluated, *args, **kwargs), False
+
+    def _settle_snapshots(self, optimizer: torch.optim.Optimizer, skipped: bool) -> None:
+        if not self._protected:
+            return
+        key = id(optimizer)
+        count = sum(len(g["params"]) for g in optimizer.param_groups)
+        cached = self._optimizer_params.get(key)
+        if cached is None or cached[0] != count:
+            cached = (count, {id(p) for g in optimizer.param_groups for p in g["params"]})
+            self._optimizer_params[key] = cached
+        owned = [m for m in self._protected if m.params & cached[1]] or self._protected
+        for m in owned:
+            m.owners.add(key)
+            if skipped:
+                m.snapshot.restore()
+                m.healthy.clear()
+            else:
+                m.healthy.add(key)
+                if m.healthy >= m.owners:
+                    m.snapshot.take()
+                    m.healthy.clear()
 
     @staticmethod
     def _found_any_inf(state: dict) -> bool:

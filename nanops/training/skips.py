@@ -32,6 +32,8 @@ def describe(finding: Finding | None) -> str:
         return "not reproduced on replay (every module output, the loss and every gradient were finite)"
     if finding.phase == "loss":
         return "loss (every module's forward output was finite)"
+    if finding.phase == "replay failed":
+        return f"unknown: the replay raised {finding.module}"
     return f"{finding.phase} of {finding.module or '<root>'}"
 
 
@@ -42,8 +44,12 @@ def first_nonfinite(
     loss_scale: torch.Tensor | float | None = None,
     rng_state: RngState | None = None,
 ) -> str:
-    """Where a skipped step went non-finite, found by replaying its forward, loss and backward."""
-    return describe(locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state))
+    """Where a skipped step went non-finite, found by replaying its forward, loss and backward (a
+    replay that raises is reported, never allowed to stop the training it reports on)."""
+    try:
+        return describe(locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state))
+    except Exception as err:
+        return describe(Finding.replay_failed(err))
 
 
 class SkipReport:

@@ -43,7 +43,14 @@ class Finding:
     pos_inf: int
     neg_inf: int
 
+    @classmethod
+    def replay_failed(cls, err: BaseException) -> Finding:
+        """The finding of a replay whose closure raised: the error, in place of a module."""
+        return cls(f"{type(err).__name__}: {err}", "replay failed", 0, 0, 0, 0)
+
     def __str__(self) -> str:
+        if self.phase == "replay failed":
+            return f"step {self.step}: the replay of the skipped step raised {self.module}"
         if self.phase == "loss":
             return (f"step {self.step}: the loss went non-finite with every module output finite "
                     f"(NaN={self.nan}, +Inf={self.pos_inf}, -Inf={self.neg_inf})")
@@ -94,7 +101,9 @@ class Watch:
         self._last_outputs: list[torch.Tensor] = []
         self._names = {id(module): name for name, module in model.named_modules()}
         self._model = model  # keeps the ids above from being reused while watched
-        self._handles = [torch.nn.modules.module.register_module_forward_hook(self._forward_hook)]
+        self._handles = [torch.nn.modules.module.register_module_forward_hook(self._forward_hook),
+                         torch.nn.modules.module.register_module_forward_pre_hook(self._forward_pre_hook)]
+        self._one_shot: dict[int, object] = {}  # module id -> handle of its pending last-hook
 
     def _record(self, name: str, phase: str, tensors: list[torch.Tensor]) -> None:
         if not tensors:
@@ -157,10 +166,31 @@ class Watch:
         name, phase, _ = self._records[i]
         return Finding(name, phase, self.step, *(int(v) for v in counts[i]))
 
+    def _forward_pre_hook(self, module, inputs) -> None:
+        # A module with forward hooks of its own returns what its last hook returns, and the
+        # process-wide hook below runs before those: for such a module the output is checked by
+        # a hook added after its own, for this call only (removed as it runs, even on an error),
+        # so nothing is left on the model between calls (deepcopy and pickle stay as unwatched).
+        if module._forward_hooks and id(module) in self._names and id(module) not in self._one_shot:
+            self._one_shot[id(module)] = module.register_forward_hook(self._final_output_hook, always_call=True)
+
+    def _final_output_hook(self, module, inputs, output) -> None:
+        handle = self._one_shot.pop(id(module), None)
+        if handle is not None:
+            handle.remove()
+        self._check_output(module, output)
+
     def _forward_hook(self, module, inputs, output) -> None:
+        if id(module) in self._one_shot:
+            return  # checked after the module's own hooks, by _final_output_hook
+        self._check_output(module, output)
+
+    def _check_output(self, module, output) -> None:
         name = self._names.get(id(module))
         if name is None:
             return  # a module of another model
+        if output is None:
+            return
         tensors = [output] if type(output) is torch.Tensor and output.is_floating_point() else _tensors(output)
         if len(tensors) == len(self._last_outputs) and all(a is b for a, b in zip(tensors, self._last_outputs)):
             return  # same tensors as the child that just finished: already checked and hooked
@@ -187,6 +217,9 @@ class Watch:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        for h in self._one_shot.values():
+            h.remove()
+        self._one_shot.clear()
         self._records.clear()
         self._deferred, self._deferred_bytes = [], 0
         self._last_outputs = []

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from ..training import inject
 from ..training.locate import RngState, _cuda_devices
 from ..training.scaler import GradScaler
 from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
-from .env import prepare_environment, quiet_yolov5_import
+from .env import checkpoint_loading, prepare_environment, quiet_yolov5_import
 
 __all__ = ["SKIPPED_CSV", "SkippedStep", "inject_nonfinite_input", "main", "run", "run_plain"]
 
@@ -141,7 +142,7 @@ class Protection:
         import yolov5.train as yolov5_train
         from yolov5.utils.torch_utils import ModelEMA
 
-        with _swapped(
+        with checkpoint_loading(), _swapped(
             (yolov5_train, "Model", self._patched(yolov5_train.Model, trained=True)),
             (yolov5_train, "attempt_load", self._patched(yolov5_train.attempt_load)),
             (torch.cuda.amp, "GradScaler", self._scaler_factory),
@@ -196,7 +197,8 @@ def run_plain(**kwargs) -> Path:
     from yolov5.utils.callbacks import Callbacks
 
     opt = _options(kwargs)
-    sys.modules["yolov5.train"].main(opt, callbacks=Callbacks())
+    with checkpoint_loading():  # torch >= 2.6 refuses yolov5's own checkpoints without an allow-list
+        sys.modules["yolov5.train"].main(opt, callbacks=Callbacks())
     return Path(opt.save_dir)
 
 
@@ -215,7 +217,7 @@ def main(argv: list[str]) -> int:
         opt = yolov5_train.parse_opt()  # yolov5's own parser: unknown flags get its usage and exit 2
     try:
         _train(opt)
-    except (AssertionError, FileNotFoundError) as err:
+    except (AssertionError, FileNotFoundError, pickle.UnpicklingError) as err:
         # yolov5 reports bad paths and arguments by assertion; its message, without our frames.
         print(f"nanops train: {err}", file=sys.stderr)
         return 2
