@@ -78,9 +78,11 @@ def test_nanops_train_skips_the_step_and_keeps_the_whole_model_finite(runs):
     skipped = opt.nanops_skipped[0]
     assert (skipped.epoch, skipped.iteration) == (0, CORRUPT_STEP)
     assert skipped.first_nonfinite == "forward of model.0.conv"
+    assert skipped.kind == "batch" and len(skipped.images) == 1 and skipped.images[0].endswith(".png")
     with (nanops_dir / SKIPPED_CSV).open() as f:
         rows = list(csv.DictReader(f))
-    assert rows == [{"epoch": "0", "iteration": str(CORRUPT_STEP), "first_nonfinite": "forward of model.0.conv"}]
+    assert rows == [{"generation": "0", "epoch": "0", "iteration": str(CORRUPT_STEP), "kind": "batch",
+                     "images": skipped.images[0], "first_nonfinite": "forward of model.0.conv"}]
 
 
 def test_protected_checkpoint_loads_validates_detects_and_exports_without_nanops(runs, tmp_path):

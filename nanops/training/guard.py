@@ -26,6 +26,7 @@ from ..clip import clip_coef_for_fused_step, clip_grad_norm_
 from .locate import RngState, _cuda_devices, locate_step
 from .snapshot import NormBufferSnapshot
 from .watch import Finding
+from .window import MicroBatchWindow
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -83,6 +84,13 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     return all(optimizer.state.get(p) for p in _optimizer_params(optimizer) if p.grad is not None)
 
 
+def _fold(found_inf: torch.Tensor, window_flag: torch.Tensor | None) -> None:
+    """found_inf |= window_flag, on the device: a non-finite micro-batch of the accumulation window
+    skips the step even where the summed grads stayed finite."""
+    if window_flag is not None:
+        found_inf.copy_(torch.maximum(found_inf, window_flag.to(found_inf).reshape(found_inf.shape)))
+
+
 def _check_arguments(optimizer, scaler) -> bool:
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"guarded_step: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -106,6 +114,7 @@ def _step(
     locate: LossFn | None = None,
     model: torch.nn.Module | None = None,
     rng_state: RngState | None = None,
+    window_flag: torch.Tensor | None = None,
 ) -> StepResult:
     amp = _check_arguments(optimizer, scaler)
     params = parameters if parameters is not None else _optimizer_params(optimizer)
@@ -118,6 +127,7 @@ def _step(
         # and divides the grads by grad_scale as it reads them: the unscale and the clip ride on
         # the step, so the grads are read once by the norm and never rewritten by the clip.
         total_norm, divisor = clip_coef_for_fused_step(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
+        _fold(found_inf, window_flag)
         optimizer.grad_scale, optimizer.found_inf = divisor, found_inf.view(())  # 0-dim, as GradScaler passes
         try:
             optimizer.step()
@@ -125,10 +135,11 @@ def _step(
             del optimizer.grad_scale, optimizer.found_inf
     else:
         total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
+        _fold(found_inf, window_flag)
         skipped = bool(found_inf.item())  # the one host sync of the step
         if not skipped:
             optimizer.step()
-    if snapshot is not None:
+    if snapshot is not None and window_flag is None:  # with a window, each micro-batch settled its own
         snapshot.settle(found_inf)
     finding = None
     if skipped and locate is not None:
@@ -214,11 +225,26 @@ class Guard:
         self._skipped: torch.Tensor | None = None  # running count on the device: no sync to keep it
         self.findings: list[tuple[int, Finding | None]] = []  # (step index, finding) of replayed skips
         self._rng_devices = _cuda_devices(model)  # looked up once: a walk over the model costs ms
+        self._window: MicroBatchWindow | None = None
         self.begin()
 
     def begin(self) -> None:
         """Marks the RNG state the coming step starts from (a host-side copy, no sync)."""
         self._rng = RngState.capture(self._rng_devices)
+
+    def micro_batch(self, loss: torch.Tensor) -> torch.Tensor:
+        """With gradient accumulation, call it with each micro-batch's loss after its backward.
+        A non-finite micro-batch has its BatchNorm statistics updates undone at once (so a window
+        cut short, by zero_grad at an epoch's end say, leaves nothing behind) and its window's
+        step is skipped. Returns the micro-batch's flag, a 0-dim bool tensor (reading it syncs).
+        Use it for every micro-batch or for none; the first call's snapshot is the state at the
+        Guard's construction or its last step."""
+        if self._window is None:
+            self._window = MicroBatchWindow(self.model)
+            self._window.adopt(self._snapshot)
+        flag = self._window.check(loss)
+        self._window.settle()
+        return flag
 
     @property
     def skipped_steps(self) -> int:
@@ -232,8 +258,9 @@ class Guard:
             locate: optional closure returning the step's loss again (forward + loss, with the
                 step's autocast inside); replayed only when the step is skipped.
         """
+        window_flag = self._window.close() if self._window is not None else None
         result = _step(self.optimizer, self.scaler, self.max_norm, self._params, snapshot=self._snapshot,
-                       locate=locate, model=self.model, rng_state=self._rng)
+                       locate=locate, model=self.model, rng_state=self._rng, window_flag=window_flag)
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
         if locate is not None and result.skipped:
             self.findings.append((self.total_steps, result.finding))

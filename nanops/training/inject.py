@@ -18,8 +18,10 @@ def inject_nonfinite_input(step: int, model_type: type, value: float = math.inf)
     def corrupt(module, args):
         nonlocal seen
         if isinstance(module, model_type) and module.training and torch.is_grad_enabled():
+            images = args[0]["img"] if isinstance(args[0], dict) else args[0]
+            if not torch.isfinite(images).all():
+                return  # a replay of a batch already corrupted (nanops' locate): not a new forward
             if seen == step:
-                images = args[0]["img"] if isinstance(args[0], dict) else args[0]
                 images[0, 1, images.shape[2] // 2, images.shape[3] // 2] = value
             seen += 1
 

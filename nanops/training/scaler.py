@@ -77,6 +77,7 @@ class GradScaler(torch.amp.GradScaler):
         self._protected: list[_Protected] = []
         self._optimizer_params: dict[int, tuple[int, set[int]]] = {}  # id -> (param count, param ids)
         self._on_skip: list[Callable[[], None]] = []
+        self._skip_flags: list[torch.Tensor] = []  # skip_if() flags for the coming step
 
     # ---------------------------------------------------------------------------------------
     def protect(self, model: torch.nn.Module) -> GradScaler:
@@ -85,6 +86,20 @@ class GradScaler(torch.amp.GradScaler):
         models and optimizers, in any order of steps (see _Protected)."""
         self._protected.append(_Protected(model))
         return self
+
+    def skip_if(self, flag: torch.Tensor) -> None:
+        """The coming step is also skipped where `flag` (a one-element device tensor) is non-zero,
+        e.g. a gradient-accumulation window holding a non-finite micro-batch whose grads
+        happened to stay finite. Folded into found_inf on the device: no host sync."""
+        self._skip_flags.append(flag.detach())
+
+    def _fold_skip_flags(self, state: dict) -> None:
+        if not self._skip_flags:
+            return
+        for device, found in state["found_inf_per_device"].items():
+            for flag in self._skip_flags:
+                found.add_(flag.to(device=device, dtype=found.dtype).reshape(found.shape))
+        self._skip_flags.clear()
 
     def on_skip(self, callback: Callable[[], None]) -> None:
         """`callback()` runs after each skipped step (after the buffers were restored)."""
@@ -100,14 +115,17 @@ class GradScaler(torch.amp.GradScaler):
         """AMP on: torch's unscale_. AMP off: records whether any grad is NaN/Inf (fused, on the
         grads' device, no host sync); the grads are not changed, and a second call before the
         step is a no-op (as torch's disabled scaler takes it)."""
-        if self.is_enabled():
-            return super().unscale_(optimizer)
         state = self._per_optimizer_states[id(optimizer)]
+        if self.is_enabled():
+            super().unscale_(optimizer)
+            self._fold_skip_flags(state)
+            return
         if state["stage"] is OptState.UNSCALED:
             return
         state["found_inf_per_device"] = {
             device: nonfinite_flag(grads) for device, grads in _optimizer_grads(optimizer).items()
         }
+        self._fold_skip_flags(state)
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):

@@ -5,7 +5,7 @@ Shared by `nanops train` (yolov5) and `nanops.ultralytics.protect`.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from collections.abc import Callable
@@ -20,9 +20,16 @@ SKIPPED_CSV = "nanops_skipped_steps.csv"
 
 @dataclass
 class SkippedStep:
+    """One skip of a protected run. kind "step": an optimizer step was skipped (its grads held
+    NaN/Inf); "batch": a micro-batch's loss was non-finite (its BatchNorm updates undone, its
+    accumulation window's step skipped, or dropped if the window was cut short), with its images."""
+
     epoch: int
     iteration: int
     first_nonfinite: str
+    images: list[str] = field(default_factory=list)
+    generation: int = 0
+    kind: str = "step"
 
 
 def describe(finding: Finding | None) -> str:
@@ -52,31 +59,61 @@ def first_nonfinite(
         return describe(Finding.replay_failed(err))
 
 
+CSV_FIELDS = ["generation", "epoch", "iteration", "kind", "images", "first_nonfinite"]
+
+
 class SkipReport:
-    """Skipped steps of one run, logged as they happen and kept in `<save_dir>/nanops_skipped_steps.csv`."""
+    """Skips of one run, logged as they happen and kept in `<save_dir>/nanops_skipped_steps.csv`
+    (rows of earlier runs in the same folder, a resumed run's or earlier --evolve generations',
+    are kept when `keep_existing` was called)."""
 
     def __init__(self, logger) -> None:
         self.logger = logger
         self.steps: list[SkippedStep] = []
+        self._earlier_rows: list[dict] = []
+
+    def keep_existing(self, save_dir: Path | str) -> None:
+        """Keeps the rows already in save_dir's CSV (a resumed run appends to its first part)."""
+        path = Path(save_dir) / SKIPPED_CSV
+        if path.exists():
+            with path.open(newline="") as f:
+                self._earlier_rows = [row for row in csv.DictReader(f)]
 
     def add(self, step: SkippedStep, save_dir: Path | str) -> None:
         self.steps.append(step)
-        self.logger.warning(f"nanops: skipped the optimizer step at epoch {step.epoch}, iteration {step.iteration}: "
-                            f"non-finite gradients; first non-finite: {step.first_nonfinite}. Weights, optimizer "
-                            "state, EMA and BatchNorm statistics are as before this batch.")
+        if step.kind == "batch":
+            images = ", ".join(step.images[:4]) + (f" and {len(step.images) - 4} more" if len(step.images) > 4 else "")
+            self.logger.warning(
+                f"nanops: non-finite training batch at epoch {step.epoch}, iteration {step.iteration} (images: "
+                f"{images or 'unknown'}); first non-finite: {step.first_nonfinite}. Its BatchNorm updates were undone "
+                "and its accumulation window's optimizer step is skipped: weights, optimizer state and EMA take "
+                "nothing from it.")
+        else:
+            self.logger.warning(
+                f"nanops: skipped the optimizer step at epoch {step.epoch}, iteration {step.iteration}: non-finite "
+                f"gradients; first non-finite: {step.first_nonfinite}. Weights, optimizer state, EMA and BatchNorm "
+                "statistics are as before this batch.")
         self.write(save_dir)
 
     def write(self, save_dir: Path | str) -> Path:
         path = Path(save_dir) / SKIPPED_CSV
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["epoch", "iteration", "first_nonfinite"])
-            writer.writerows([s.epoch, s.iteration, s.first_nonfinite] for s in self.steps)
+            writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self._earlier_rows)
+            writer.writerows({"generation": s.generation, "epoch": s.epoch, "iteration": s.iteration, "kind": s.kind,
+                              "images": " ".join(s.images), "first_nonfinite": s.first_nonfinite} for s in self.steps)
         return path
 
-    def finish(self, save_dir: Path | str, total_steps: int) -> None:
+    def finish(self, save_dir: Path | str, total_steps: int, skipped_steps: int | None = None,
+               note: str = "") -> None:
         path = self.write(save_dir)
+        skipped = skipped_steps if skipped_steps is not None else sum(s.kind == "step" for s in self.steps)
+        batches = sum(s.kind == "batch" for s in self.steps)
         epochs = sorted({s.epoch for s in self.steps})
-        self.logger.info(f"nanops: {len(self.steps)} of {total_steps} optimizer step(s) skipped for non-finite "
-                         "gradients" + (f" (epochs {', '.join(map(str, epochs))}); see {path}" if self.steps else ""))
+        self.logger.info(
+            f"nanops: {skipped} of {total_steps} optimizer step(s) skipped for non-finite gradients"
+            + (f", {batches} non-finite training batch(es) kept out" if batches else "")
+            + (f" (epochs {', '.join(map(str, epochs))}); see {path}" if self.steps else "")
+            + (f". {note}" if note else ""))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from .. import patching
-from . import train as _train_module  # noqa: F401  (see train() below)
+from . import train  # the module `nanops train` lives in, callable as train(**kwargs) (see its end)
 from .env import build_transformer_model, transformer_yaml
 
 __all__ = ["build_transformer_model", "patch", "train", "transformer_yaml", "unpatch"]
@@ -29,12 +29,3 @@ def patch(model: nn.Module) -> int:
 def unpatch(model: nn.Module) -> int:
     """Reverses `patch` (plain yolov5/torch modules again, e.g. before a TorchScript export)."""
     return patching.unpatch(model)
-
-
-# The submodule nanops.yolov5.train is imported above, before this function is defined: importing
-# a submodule sets the package attribute of its name, so a later first import would replace
-# `nanops.yolov5.train` (this function, the documented API) by the module. Imported once here,
-# later imports find it in sys.modules and leave the attribute alone.
-def train(**kwargs):
-    """yolov5.train.run(**kwargs), protected by nanops; returns yolov5's opt namespace."""
-    return _train_module.run(**kwargs)

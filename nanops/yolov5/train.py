@@ -21,6 +21,7 @@ import contextlib
 import math
 import pickle
 import sys
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from ..training import inject
 from ..training.locate import RngState, _cuda_devices
 from ..training.scaler import GradScaler
 from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
+from ..training.window import MicroBatchWindow
 from .env import checkpoint_loading, prepare_environment, quiet_yolov5_import
 
 __all__ = ["SKIPPED_CSV", "SkippedStep", "inject_nonfinite_input", "main", "run", "run_plain"]
@@ -51,23 +53,44 @@ def _swapped(*swaps: tuple[object, str, object]) -> Iterator[None]:
 
 
 class Protection:
-    """The state of one protected yolov5 run: its models, its scaler, its skipped steps."""
+    """The state of one protected `yolov5 train` run (every --evolve generation, a --resume): its
+    model, scaler, micro-batch window, skips and checkpoints."""
 
     def __init__(self, opt) -> None:
-        self.opt = opt
+        self.opt = opt  # replaced by the opt train() is given (main rebuilds it on --resume)
         self.model: torch.nn.Module | None = None
         self.scaler: GradScaler | None = None
+        self.window: MicroBatchWindow | None = None
         self.report = SkipReport(quiet_yolov5_import("yolov5.utils.general").LOGGER)
+        self.generation = -1
         self.epoch = -1
-        self._reported_before = 0
         self.compute_loss = None
+        self.unsaved: list[str] = []  # checkpoints not written because their state was not finite
+        self._steps_seen = 0
+        self._skips_reported = 0
+        self._window_reported = False
         self._rng: RngState | None = None
         self._rng_devices: list[int] | None = None  # found at the first batch, on the training device
 
     # --- what train.py calls --------------------------------------------------------------
+    def _train(self, original):
+        """train(hyp, opt, device, callbacks): once per run, once per --evolve generation."""
+        def train(hyp, opt, device, callbacks):
+            self.opt = opt
+            self.generation += 1
+            self.epoch = -1
+            self.model = self.scaler = self.window = None
+            self._steps_seen = self._skips_reported = 0
+            self._window_reported = False
+            if getattr(opt, "resume", False) or self.generation > 0:
+                self.report.keep_existing(opt.save_dir)  # a resumed run, a later generation: append
+            self.report.steps = []
+            return original(hyp, opt, device, callbacks)
+        return train
+
     def _patched(self, build, trained: bool = False):
         """`build` (Model, attempt_load) whose models get nanops' attention; the trained one is
-        kept for the scaler to protect."""
+        kept, and watched micro-batch by micro-batch."""
         def patched_build(*args, **kwargs):
             model = build(*args, **kwargs)
             patching.patch(model)
@@ -77,17 +100,24 @@ class Protection:
         return patched_build
 
     def _scaler_factory(self, *args, **kwargs) -> GradScaler:
-        scaler = GradScaler("cuda", *args, **kwargs)
-        self._reported_before = len(self.report.steps)  # --evolve trains (and builds a scaler) again
-        if self.model is not None:
-            scaler.protect(self.model)
-        self.scaler = scaler
-        return scaler
+        # BatchNorm statistics are kept per micro-batch by the window (a skipped accumulated step
+        # must not undo the healthy micro-batches of its window), not by scaler.protect.
+        self.scaler = GradScaler("cuda", *args, **kwargs)
+        return self.scaler
 
     def _loss_factory(self, cls):
         def build(*args, **kwargs):
-            self.compute_loss = cls(*args, **kwargs)
-            return self.compute_loss
+            compute_loss = cls(*args, **kwargs)
+            self.compute_loss = compute_loss
+
+            def checked(pred, targets):
+                loss, items = compute_loss(pred, targets)
+                if self.window is not None and torch.is_grad_enabled():  # training, not validation
+                    bad = self.window.check(loss, items)
+                    items = self.window.counted_items(items, bad)
+                return loss, items
+
+            return checked
         return build
 
     def _ema_update(self, original):
@@ -97,36 +127,96 @@ class Protection:
             return original(ema, model)
         return update
 
+    def _scaler_unscale(self, original):
+        """nanops.GradScaler.unscale_ (train.py's, or step's own), with the accumulation window's
+        flag folded into the step's found_inf: a non-finite micro-batch skips its window's step."""
+        def unscale_(scaler, optimizer):
+            flag = self.window.close() if self.window is not None and scaler is self.scaler else None
+            if flag is not None:
+                scaler.skip_if(flag)
+            return original(scaler, optimizer)
+        return unscale_
+
+    def _save(self, original):
+        """torch.save of yolov5's checkpoints (a dict holding 'model' and 'epoch'): written only when
+        the model and EMA are finite as saved (yolov5 saves them in float16, where 1e5 is inf);
+        otherwise the previous file is kept and the first offending tensor named."""
+        def save(obj, f, *args, **kwargs):
+            if isinstance(obj, dict) and "model" in obj and "epoch" in obj:
+                bad = _first_nonfinite_tensor(obj)
+                if bad is not None:
+                    self.unsaved.append(str(f))
+                    keep = "kept the previous file" if Path(str(f)).exists() else "wrote nothing"
+                    self.report.logger.warning(f"nanops: not writing {f}: {bad} is not finite as saved; {keep}")
+                    return None
+            return original(obj, f, *args, **kwargs)
+        return save
+
     # --- yolov5 callbacks -----------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch += 1
+        self._window_reported = False
+        if self.window is not None:
+            self.window.close()  # zero_grad drops the cut window's grads; its BN updates are settled
+            self.window.new_epoch()
 
     def on_train_batch_start(self) -> None:
         # The RNG state the batch's forward starts from (a host copy, no sync): a replay of a
         # skipped step draws what the step drew.
         if self.model is None:
             return
+        if self.window is None:  # before the first forward: its snapshot is the state before training
+            self.window = MicroBatchWindow(self.model)
         if self._rng_devices is None:
             self._rng_devices = _cuda_devices(self.model)
         self._rng = RngState.capture(self._rng_devices)
 
     def on_train_batch_end(self, model, ni, imgs, targets, paths, vals) -> None:
-        if self.scaler is None or self.scaler.skipped_steps == len(self.report.steps) - self._reported_before:
-            return  # no step skipped since the last report
+        if self.scaler is None:
+            return
+        if self.window is not None:
+            self.window.settle()  # after the batch's backward: its BatchNorm updates kept or undone
+        stepped = self.scaler.total_steps != self._steps_seen
+        self._steps_seen = self.scaler.total_steps
+        # yolov5's progress bar has just read the losses on the host: this read costs no wait.
+        batch_bad = self.window is not None and self.window.last_bad is not None and bool(self.window.last_bad)
+        if self.window is not None:
+            self.window.last_bad = None
+        new_skip = self.scaler.skipped_steps != self._skips_reported
+        self._skips_reported = self.scaler.skipped_steps
+        explained = self._window_reported  # the window's bad batch was reported: its step's skip is that
+        if stepped:
+            self._window_reported = False
+        if batch_bad:
+            self.report.add(SkippedStep(self.epoch, int(ni), self._replay(model, imgs, targets, None),
+                                        _suspect_images(imgs, paths), self.generation, "batch"), self.opt.save_dir)
+            self._window_reported = not stepped
+        elif stepped and new_skip and not explained:
+            scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
+            self.report.add(SkippedStep(self.epoch, int(ni), self._replay(model, imgs, targets, scale), list(paths),
+                                        self.generation, "step"), self.opt.save_dir)
+
+    def _replay(self, model, imgs, targets, loss_scale) -> str:
+        """The first non-finite module of this micro-batch: train.py's forward, loss and backward
+        again, from the batch's RNG state."""
         model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         amp = self.scaler.is_enabled()
         device = imgs.device
+        compute_loss = self.compute_loss
 
-        def loss():  # train.py's forward and loss, on the same batch
+        def loss():
             with torch.autocast(device.type, enabled=amp):
-                return self.compute_loss(model(imgs), targets.to(device))[0]
+                return compute_loss(model(imgs), targets.to(device))[0]
 
-        where = first_nonfinite(model, loss, loss_scale=self.scaler.scale_of_last_skip if amp else None,
-                                rng_state=self._rng)
-        self.report.add(SkippedStep(self.epoch, int(ni), where), self.opt.save_dir)
+        return first_nonfinite(model, loss, loss_scale=loss_scale, rng_state=self._rng)
 
     def on_train_end(self, last, best, epoch, results) -> None:
-        self.report.finish(self.opt.save_dir, self.scaler.total_steps if self.scaler is not None else 0)
+        note = ""
+        if self.unsaved:
+            note = (f"{len(self.unsaved)} checkpoint write(s) refused because the model or EMA was not finite as "
+                    f"saved (the last good files were kept): {', '.join(self.unsaved[:3])}")
+        self.report.finish(self.opt.save_dir, self.scaler.total_steps if self.scaler is not None else 0,
+                           self.scaler.skipped_steps if self.scaler is not None else 0, note)
 
     def callbacks(self):
         from yolov5.utils.callbacks import Callbacks
@@ -143,14 +233,43 @@ class Protection:
         from yolov5.utils.torch_utils import ModelEMA
 
         with checkpoint_loading(), _swapped(
+            (yolov5_train, "train", self._train(yolov5_train.train)),
+            (yolov5_train, "Callbacks", self.callbacks),  # --evolve makes new Callbacks() per generation
             (yolov5_train, "Model", self._patched(yolov5_train.Model, trained=True)),
             (yolov5_train, "attempt_load", self._patched(yolov5_train.attempt_load)),
             (torch.cuda.amp, "GradScaler", self._scaler_factory),
+            (GradScaler, "unscale_", self._scaler_unscale(GradScaler.unscale_)),
             (torch.nn.utils, "clip_grad_norm_", clip_grad_norm_),
             (ModelEMA, "update", self._ema_update(ModelEMA.update)),
             (yolov5_train, "ComputeLoss", self._loss_factory(yolov5_train.ComputeLoss)),
+            (torch, "save", self._save(torch.save)),
         ):
             yield
+
+
+def _suspect_images(imgs: torch.Tensor, paths) -> list[str]:
+    """The paths of the batch's images holding a NaN/Inf pixel, or every path of the batch when
+    none does (the non-finite value arose inside the model or the loss)."""
+    rows = (~torch.isfinite(imgs.detach()).flatten(1).all(1)).nonzero().flatten().tolist()
+    return [str(paths[i]) for i in rows] if rows else [str(p) for p in paths]
+
+
+def _first_nonfinite_tensor(ckpt: dict) -> str | None:
+    """The first tensor of a yolov5 checkpoint's model or EMA (as it will be written) holding
+    NaN/Inf, as "model.<key>", or None when all are finite. One fused check per module."""
+    from ..ops import all_finite, nonfinite_counts
+
+    for part in ("model", "ema"):
+        module = ckpt.get(part)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        items = [(k, t) for k, t in module.state_dict().items() if t.is_floating_point()]
+        if not items or bool(all_finite([t for _, t in items])):
+            continue
+        counts = nonfinite_counts([t for _, t in items])
+        first = int((counts.sum(1) > 0).nonzero()[0])
+        return f"{part}.{items[first][0]}"
+    return None
 
 
 @contextlib.contextmanager
@@ -187,8 +306,11 @@ def run(**kwargs) -> object:
     """yolov5.train.run(**kwargs) protected by nanops; returns yolov5's opt namespace, with
     `opt.nanops_skipped` (a list of SkippedStep) added."""
     opt = _options(kwargs)
-    opt.nanops_skipped = _train(opt).report.steps
-    return opt
+    protection = _train(opt)
+    used = protection.opt  # yolov5 builds a new opt on --resume
+    used.nanops_skipped = protection.report.steps
+    used.nanops_unsaved = protection.unsaved
+    return used
 
 
 def run_plain(**kwargs) -> Path:
@@ -216,11 +338,16 @@ def main(argv: list[str]) -> int:
     with _argv(["nanops train", *argv]):
         opt = yolov5_train.parse_opt()  # yolov5's own parser: unknown flags get its usage and exit 2
     try:
-        _train(opt)
+        protection = _train(opt)
     except (AssertionError, FileNotFoundError, pickle.UnpicklingError) as err:
         # yolov5 reports bad paths and arguments by assertion; its message, without our frames.
         print(f"nanops train: {err}", file=sys.stderr)
         return 2
+    if protection.unsaved:
+        print(f"nanops train: the run ended with a model that could not be saved finite; {len(protection.unsaved)} "
+              f"checkpoint write(s) were refused and the last good files kept ({protection.unsaved[-1]})",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -230,3 +357,15 @@ def inject_nonfinite_input(step: int, value: float = math.inf):
     from yolov5.models.yolo import BaseModel
 
     return inject.inject_nonfinite_input(step, BaseModel, value)
+
+
+class _CallableModule(types.ModuleType):
+    """`nanops.yolov5.train` is this module (so `import nanops.yolov5.train as t` gives it) and the
+    documented function train(**kwargs) (yolov5.train.run's signature): calling the module runs."""
+
+    def __call__(self, **kwargs):
+        """yolov5.train.run(**kwargs), protected by nanops; returns yolov5's opt namespace."""
+        return run(**kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
