@@ -17,12 +17,13 @@ from ._loader import cuda_built
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from .ops import all_finite, nonfinite_counts, stable_softmax
 from .patching import patch, unpatch
-from .training import (Finding, GradScaler, Guard, RngState, StepResult, Watch, guarded_step, locate_forward,
-                       locate_step, watch)
+from .training import (Diverged, Finding, GradScaler, Guard, RngState, StepResult, Watch, guarded_step,
+                       locate_forward, locate_step, watch)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Diverged",
     "Finding",
     "GradScaler",
     "Guard",

@@ -167,3 +167,46 @@ def test_an_inf_checkpoint_keeps_the_previous_good_file(tmp_path):
     save({"epoch": 1, "model": good, "ema": bad}, tmp_path / "best.pt")
     assert not (tmp_path / "best.pt").exists() and len(protection.unsaved) == 2
     torch.save({"not": "a checkpoint"}, tmp_path / "other.pt")  # anything else is saved as torch saves it
+
+
+def _hyp_file(tmp_path: Path, **values) -> Path:
+    hyp = yaml.safe_load((transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    hyp.update(values)
+    path = tmp_path / "hyp.yaml"
+    path.write_text(yaml.safe_dump(hyp))
+    return path
+
+
+def test_sgd_lr0_100_is_warned_at_start_and_stopped_with_its_cause(data16, tmp_path, capsys):
+    from nanops.cli import main
+
+    root, data = data16
+    hyp = _hyp_file(tmp_path, lr0=100.0)
+    code = main(["train", "--nanops-on-divergence", "stop", "--data", str(data), "--cfg", str(transformer_yaml()),
+                 "--weights", "", "--img", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu",
+                 "--project", str(root / "runs"), "--name", "sgd100", "--exist-ok", "--noplots", "--epochs", "4",
+                 "--hyp", str(hyp)])
+    captured = capsys.readouterr()
+    err, everything = captured.err, captured.out + captured.err
+    assert code == 3 and "the run is diverging" in err
+    assert "Likely cause: lr0=100 with SGD" in err
+    assert "hyp warning: lr0=100 with SGD" in everything  # at the start, before any step
+    for path in (root / "runs" / "sgd100" / "weights").glob("*.pt"):
+        assert finite_model(path)  # whatever was written before the stop is a good checkpoint
+
+
+def test_adam_lr0_10_diverging_run_is_named_once_and_training_goes_on_when_warned(data16, tmp_path):
+    root, data = data16
+    opt = run(**flags(root, data, "adam10", epochs=3, optimizer="Adam", hyp=str(_hyp_file(tmp_path, lr0=10.0))))
+    assert opt.nanops_divergences, "a diverging Adam run must be reported"
+    assert all("Likely cause: lr0=10 with Adam" in m for m in opt.nanops_divergences)
+    kinds = [m.split("diverging: ")[1][:12] for m in opt.nanops_divergences]
+    assert len(kinds) == len(set(kinds))  # each kind of event once
+
+
+def test_unknown_nanops_option_is_refused_before_training(capsys):
+    from nanops.cli import main
+
+    assert main(["train", "--nanops-on-divergence", "panic"]) == 2
+    assert "must be one of warn, stop, rollback" in capsys.readouterr().err
+    assert main(["train", "--nanops-whatever"]) == 2

@@ -18,12 +18,16 @@ reading whether to step, with any other optimizer, on an optimizer's first step,
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 
 from ..clip import clip_coef_for_fused_step, clip_grad_norm_
-from .locate import RngState, _cuda_devices, locate_step
+from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, RollbackState,
+                         likely_cause, message)
+from .locate import RngState, _cuda_devices, find_overflow, locate_step
+from .promote import promote
 from .snapshot import NormBufferSnapshot
 from .watch import Finding
 from .window import MicroBatchWindow
@@ -213,9 +217,17 @@ class Guard:
         *,
         max_norm: float = 10.0,
         parameters: Iterable[torch.Tensor] | None = None,
+        on_divergence: str = "warn",
+        check_every: int = 100,
+        limits: DivergenceLimits | None = None,
+        promote_overflow: bool = True,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Guard: model must be a torch.nn.Module, got {type(model).__name__}")
+        if on_divergence not in POLICIES:
+            raise ValueError(f"Guard: on_divergence must be one of {POLICIES}, got {on_divergence!r}")
+        if not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"Guard: check_every must be a positive int, got {check_every!r}")
         _check_arguments(optimizer, None)
         self.model, self.optimizer, self.scaler, self.max_norm = model, optimizer, scaler, max_norm
         self._params = list(parameters) if parameters is not None else None
@@ -226,6 +238,11 @@ class Guard:
         self.findings: list[tuple[int, Finding | None]] = []  # (step index, finding) of replayed skips
         self._rng_devices = _cuda_devices(model)  # looked up once: a walk over the model costs ms
         self._window: MicroBatchWindow | None = None
+        self.divergence = DivergenceWatch(limits)
+        self.on_divergence, self.check_every = on_divergence, check_every
+        self._rollback = RollbackState(every=check_every) if on_divergence == "rollback" else None
+        self.promote_overflow = promote_overflow
+        self.promoted: list[str] = []  # modules switched to float32 after a float16 overflow
         self.begin()
 
     def begin(self) -> None:
@@ -251,12 +268,19 @@ class Guard:
         """How many steps were skipped (one host sync when read)."""
         return 0 if self._skipped is None else int(self._skipped.item())
 
-    def step(self, locate: LossFn | None = None) -> StepResult:
+    def step(self, locate: LossFn | None = None, loss: torch.Tensor | None = None) -> StepResult:
         """The guarded step (see `guarded_step`), BatchNorm statistics restored on a skip.
 
         Args:
             locate: optional closure returning the step's loss again (forward + loss, with the
-                step's autocast inside); replayed only when the step is skipped.
+                step's autocast inside); replayed only when the step is skipped. Under AMP, a
+                module whose forward output the replay finds non-finite from finite inputs (a
+                float16 overflow) runs in float32 from then on (`promoted` lists them).
+            loss: optional, the step's loss, for the divergence watch (kept on the device).
+
+        Every `check_every` steps the divergence watch is read (one host sync) and its events
+        handled by `on_divergence`: "warn" (warnings.warn), "stop" (raises nanops.Diverged) or
+        "rollback" (model and optimizer back to the last good state, lr divided by 10).
         """
         window_flag = self._window.close() if self._window is not None else None
         result = _step(self.optimizer, self.scaler, self.max_norm, self._params, snapshot=self._snapshot,
@@ -264,6 +288,36 @@ class Guard:
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
         if locate is not None and result.skipped:
             self.findings.append((self.total_steps, result.finding))
+            self._maybe_promote(result.finding, locate)
+        amp = self.scaler is not None and self.scaler.is_enabled()
+        self.divergence.record(result.found_inf, loss, result.total_norm, self.scaler._scale if amp else None)
         self.total_steps += 1
+        if self._rollback is not None:
+            self._rollback.maybe_take(self.total_steps, {"model": self.model, "optimizer": self.optimizer})
+        if self.total_steps % self.check_every == 0:
+            self._handle(self.divergence.read(), amp)
         self.begin()
         return result
+
+    def _maybe_promote(self, finding: Finding | None, locate: LossFn) -> None:
+        if not (self.promote_overflow and self.scaler is not None and self.scaler.is_enabled()):
+            return
+        found = find_overflow(self.model, finding, locate, self._rng)
+        if found is not None and promote(found[1]):
+            self.promoted.append(found[0])
+            warnings.warn(f"nanops: float16 overflow in the forward of {found[0]} (its inputs were finite): it "
+                          "runs in float32 from now on, the rest of the model in float16", stacklevel=3)
+
+    def _handle(self, events: list[DivergenceEvent], amp: bool) -> None:
+        last_finding = next((f for _, f in reversed(self.findings) if f is not None), None)
+        for event in events:
+            where = str(last_finding) if last_finding is not None else None
+            text = message(event, likely_cause(event, amp, None, where), finding=where)
+            if self.on_divergence == "stop":
+                raise Diverged(text)
+            if self.on_divergence == "rollback" and self._rollback is not None:
+                step = self._rollback.restore(event.step, {"model": self.model, "optimizer": self.optimizer})
+                if step is not None:
+                    self._snapshot.take()
+                    text += f" Rolled back to step {step}'s state with the learning rate divided by 10."
+            warnings.warn(text, stacklevel=3)

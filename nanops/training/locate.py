@@ -136,3 +136,17 @@ def locate_step(
         if found is not None:
             found.step = 0
         return found
+
+
+def find_overflow(model: nn.Module, finding: Finding | None, loss_fn: Callable[[], torch.Tensor],
+                  rng_state: RngState | None = None) -> tuple[str, nn.Module] | None:
+    """After a replay under AMP named a module's forward output as the first non-finite value:
+    (name, module) of the innermost of it and its parents whose inputs were finite (its own
+    16-bit arithmetic overflowed), else None. One more forward of the step, changing nothing the
+    training sees."""
+    from .promote import overflowing_module
+
+    if finding is None or finding.phase != "forward" or not finding.module:
+        return None
+    with _replaying(model, rng_state):
+        return overflowing_module(model, finding.module, loss_fn)

@@ -79,6 +79,10 @@ class MicroBatchWindow:
         self._index += 1
         return out.to(items.dtype)
 
+    def resnapshot(self) -> None:
+        """Takes the current BatchNorm statistics as the state to restore (after a rollback)."""
+        self._snapshot.take()
+
     def adopt(self, snapshot: NormBufferSnapshot) -> None:
         """Uses `snapshot` (already holding the state before the window) as this window's."""
         self._snapshot = snapshot

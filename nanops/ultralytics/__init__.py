@@ -27,9 +27,12 @@ import torch
 from .. import patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
-from ..training.locate import RngState, _cuda_devices, locate_forward
+from ..training.divergence import DivergenceWatch, Diverged, likely_cause, message
+from ..training.locate import RngState, _cuda_devices, find_overflow, locate_forward, locate_step
+from ..training.promote import promote
+from ..training.watch import Finding
 from ..training.scaler import GradScaler
-from ..training.skips import SkippedStep, SkipReport, describe, first_nonfinite
+from ..training.skips import SkippedStep, SkipReport, describe
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 
@@ -41,8 +44,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 class Protection:
     """The nanops state of one ultralytics YOLO object's trainings."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_divergence: str = "warn") -> None:
         from ultralytics.utils import LOGGER
+
+        if on_divergence not in ("warn", "stop"):
+            raise ValueError(f"protect: on_divergence must be 'warn' or 'stop', got {on_divergence!r}")
+        self.on_divergence = on_divergence
+        self.divergence = DivergenceWatch()
+        self.divergences: list[str] = []
+        self.promoted: list[str] = []
 
         self.report = SkipReport(LOGGER)
         self.scaler: GradScaler | None = None
@@ -64,6 +74,7 @@ class Protection:
             scaler.load_state_dict(old.state_dict())  # a resumed run's scale carries over
         scaler.protect(model)
         self.report = SkipReport(self.report.logger)  # this training's skips (a YOLO object may train again)
+        self.divergence = DivergenceWatch()
         trainer.scaler = self.scaler = scaler
         trainer.optimizer_step = lambda: self._optimizer_step(trainer)  # this trainer object only
         trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
@@ -104,10 +115,32 @@ class Protection:
                 return model(batch)[0]
 
         scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
-        return first_nonfinite(model, loss, loss_scale=scale, rng_state=self._rng)
+        try:
+            finding = locate_step(model, loss, loss_scale=scale, rng_state=self._rng)
+        except Exception as err:  # the replay must never stop the training it reports on
+            return describe(Finding.replay_failed(err))
+        where = describe(finding)
+        if amp:
+            found = find_overflow(model, finding, loss, self._rng)
+            if found is not None and promote(found[1]):
+                self.promoted.append(found[0])
+                where += f" (a float16 overflow: {found[0]} runs in float32 from now on)"
+        return where
+
+    def on_train_epoch_end(self, trainer) -> None:
+        amp = self.scaler is not None and self.scaler.is_enabled()
+        finding = self.report.steps[-1].first_nonfinite if self.report.steps else None
+        for event in self.divergence.read():
+            text = message(event, likely_cause(event, amp, None, finding), f"(epoch {int(trainer.epoch)})", finding)
+            self.divergences.append(text)
+            if self.on_divergence == "stop":
+                self.report.logger.error(text)
+                raise Diverged(text)
+            self.report.logger.warning(text)
 
     def on_train_end(self, trainer) -> None:
-        self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0)
+        note = f"Run in float32 after a float16 overflow: {', '.join(self.promoted)}." if self.promoted else ""
+        self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0, note=note)
         self._release()
 
     def teardown(self, trainer) -> None:
@@ -117,8 +150,12 @@ class Protection:
     def _optimizer_step(self, trainer) -> None:
         scaler, optimizer = trainer.scaler, trainer.optimizer
         scaler.unscale_(optimizer)
-        clip_grad_norm_(trainer.model.parameters(), max_norm=MAX_NORM)  # leaves non-finite grads untouched
+        norm = clip_grad_norm_(trainer.model.parameters(), max_norm=MAX_NORM)  # leaves non-finite grads untouched
         scaler.step(optimizer)
+        loss = getattr(trainer, "loss", None)
+        self.divergence.record(torch.tensor([float(scaler.last_step_skipped)]),
+                               loss if isinstance(loss, torch.Tensor) else None, norm,
+                               scaler._scale if scaler.is_enabled() else None)
         scaler.update()
         optimizer.zero_grad()
         if trainer.ema and not scaler.last_step_skipped:
@@ -153,10 +190,13 @@ class Protection:
         self._last_input = None
 
 
-def protect(model) -> Protection:
+def protect(model, on_divergence: str = "warn") -> Protection:
     """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
-    returns the Protection, whose `report.steps` lists the skipped steps of the latest training."""
-    protection = Protection()
-    for event in ("on_pretrain_routine_end", "on_train_batch_start", "on_train_batch_end", "on_train_end", "teardown"):
+    returns the Protection, whose `report.steps` lists the skipped steps of the latest training,
+    `promoted` the modules run in float32 after a float16 overflow and `divergences` the
+    messages of a lost run (on_divergence="stop" raises nanops.Diverged at the epoch's end)."""
+    protection = Protection(on_divergence)
+    for event in ("on_pretrain_routine_end", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end",
+                  "on_train_end", "teardown"):
         model.add_callback(event, getattr(protection, event))
     return protection

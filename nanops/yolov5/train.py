@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pickle
 import sys
 import types
@@ -33,7 +34,13 @@ from ..training import inject
 from ..training.locate import RngState, _cuda_devices
 from ..training.scaler import GradScaler
 from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
+from ..training.divergence import POLICIES, DivergenceWatch, Diverged, RollbackState, likely_cause, message
+from ..training.locate import find_overflow, locate_step
+from ..training.promote import promote
+from ..training.skips import describe
+from ..training.watch import Finding
 from ..training.window import MicroBatchWindow
+from .hyp import HypError, hyp_warnings
 from .env import checkpoint_loading, prepare_environment, quiet_yolov5_import
 
 __all__ = ["SKIPPED_CSV", "SkippedStep", "inject_nonfinite_input", "main", "run", "run_plain"]
@@ -56,7 +63,11 @@ class Protection:
     """The state of one protected `yolov5 train` run (every --evolve generation, a --resume): its
     model, scaler, micro-batch window, skips and checkpoints."""
 
-    def __init__(self, opt) -> None:
+    def __init__(self, opt, on_divergence: str = "warn") -> None:
+        if on_divergence not in POLICIES:
+            raise ValueError(f"nanops train: --nanops-on-divergence must be one of {', '.join(POLICIES)}, got "
+                             f"{on_divergence!r}")
+        self.on_divergence = on_divergence
         self.opt = opt  # replaced by the opt train() is given (main rebuilds it on --resume)
         self.model: torch.nn.Module | None = None
         self.scaler: GradScaler | None = None
@@ -66,6 +77,16 @@ class Protection:
         self.epoch = -1
         self.compute_loss = None
         self.unsaved: list[str] = []  # checkpoints not written because their state was not finite
+        self.promoted: list[str] = []  # modules run in float32 after a float16 overflow
+        self.divergence = DivergenceWatch()
+        self.divergences: list[str] = []  # the messages given
+        self.hyp_advice: list[str] = []
+        self.optimizer = None
+        self.ema = None
+        self._rollback = RollbackState() if on_divergence == "rollback" else None
+        self._last_loss: torch.Tensor | None = None
+        self._last_norm: torch.Tensor | None = None
+        self._skip_places: dict[int, tuple[int, int]] = {}  # optimizer step -> (epoch, iteration) of skips
         self._steps_seen = 0
         self._skips_reported = 0
         self._window_reported = False
@@ -85,8 +106,24 @@ class Protection:
             if getattr(opt, "resume", False) or self.generation > 0:
                 self.report.keep_existing(opt.save_dir)  # a resumed run, a later generation: append
             self.report.steps = []
+            self.divergence = DivergenceWatch()
+            self._skip_places = {}
+            self._check_hyp(hyp, getattr(opt, "optimizer", "SGD"))
             return original(hyp, opt, device, callbacks)
         return train
+
+    def _check_hyp(self, hyp, optimizer: str) -> None:
+        """doctor's hyp rules, run on this run's hyp: each warning once, kept as the likely cause
+        should the run diverge."""
+        import yaml
+
+        try:
+            values = hyp if isinstance(hyp, dict) else yaml.safe_load(Path(hyp).read_text())
+            self.hyp_advice = hyp_warnings(values, optimizer) if isinstance(values, dict) else []
+        except (OSError, HypError, yaml.YAMLError):
+            self.hyp_advice = []
+        for advice in self.hyp_advice:
+            self.report.logger.warning(f"nanops: hyp warning: {advice}")
 
     def _patched(self, build, trained: bool = False):
         """`build` (Model, attempt_load) whose models get nanops' attention; the trained one is
@@ -113,6 +150,7 @@ class Protection:
             def checked(pred, targets):
                 loss, items = compute_loss(pred, targets)
                 if self.window is not None and torch.is_grad_enabled():  # training, not validation
+                    self._last_loss = loss.detach()
                     bad = self.window.check(loss, items)
                     items = self.window.counted_items(items, bad)
                 return loss, items
@@ -122,6 +160,7 @@ class Protection:
 
     def _ema_update(self, original):
         def update(ema, model):
+            self.ema = ema
             if self.scaler is not None and self.scaler.last_step_skipped:
                 return  # the model is as before the batch: nothing to average in
             return original(ema, model)
@@ -131,11 +170,20 @@ class Protection:
         """nanops.GradScaler.unscale_ (train.py's, or step's own), with the accumulation window's
         flag folded into the step's found_inf: a non-finite micro-batch skips its window's step."""
         def unscale_(scaler, optimizer):
+            if scaler is self.scaler:
+                self.optimizer = optimizer
             flag = self.window.close() if self.window is not None and scaler is self.scaler else None
             if flag is not None:
                 scaler.skip_if(flag)
             return original(scaler, optimizer)
         return unscale_
+
+    def _clip(self, original):
+        """nanops' clip_grad_norm_, its total norm kept (on the device) for the divergence watch."""
+        def clip(parameters, max_norm, *args, **kwargs):
+            self._last_norm = original(parameters, max_norm, *args, **kwargs)
+            return self._last_norm
+        return clip
 
     def _save(self, original):
         """torch.save of yolov5's checkpoints (a dict holding 'model' and 'epoch'): written only when
@@ -178,6 +226,8 @@ class Protection:
             self.window.settle()  # after the batch's backward: its BatchNorm updates kept or undone
         stepped = self.scaler.total_steps != self._steps_seen
         self._steps_seen = self.scaler.total_steps
+        if stepped:
+            self._record_step(int(ni))
         # yolov5's progress bar has just read the losses on the host: this read costs no wait.
         batch_bad = self.window is not None and self.window.last_bad is not None and bool(self.window.last_bad)
         if self.window is not None:
@@ -196,9 +246,24 @@ class Protection:
             self.report.add(SkippedStep(self.epoch, int(ni), self._replay(model, imgs, targets, scale), list(paths),
                                         self.generation, "step"), self.opt.save_dir)
 
+    def _record_step(self, ni: int) -> None:
+        """The step just taken (or skipped), into the divergence watch: device tensors only."""
+        skipped = self.scaler.last_step_skipped  # read by the step already
+        if skipped:
+            self._skip_places[self.scaler.total_steps - 1] = (self.epoch, ni)
+        amp = self.scaler.is_enabled()
+        flag = torch.tensor([float(skipped)])
+        self.divergence.record(flag, self._last_loss, self._last_norm, self.scaler._scale if amp else None)
+        if self._rollback is not None and not skipped:
+            self._rollback.maybe_take(self.scaler.total_steps, self._state_objects())
+
+    def _state_objects(self) -> dict:
+        return {"model": self.model, "ema": self.ema.ema if self.ema is not None else None, "optimizer": self.optimizer}
+
     def _replay(self, model, imgs, targets, loss_scale) -> str:
         """The first non-finite module of this micro-batch: train.py's forward, loss and backward
-        again, from the batch's RNG state."""
+        again, from the batch's RNG state. Under AMP, a module whose forward overflowed from
+        finite inputs runs in float32 from then on (said in the report)."""
         model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         amp = self.scaler.is_enabled()
         device = imgs.device
@@ -208,13 +273,58 @@ class Protection:
             with torch.autocast(device.type, enabled=amp):
                 return compute_loss(model(imgs), targets.to(device))[0]
 
-        return first_nonfinite(model, loss, loss_scale=loss_scale, rng_state=self._rng)
+        try:
+            finding = locate_step(model, loss, loss_scale=loss_scale, rng_state=self._rng)
+        except Exception as err:  # the replay must never stop the training it reports on
+            return describe(Finding.replay_failed(err))
+        where = describe(finding)
+        if amp:
+            found = find_overflow(model, finding, loss, self._rng)
+            if found is not None and promote(found[1]):
+                self.promoted.append(found[0])
+                where += f" (a float16 overflow: {found[0]} runs in float32 from now on)"
+        return where
+
+    def on_train_epoch_end(self, epoch) -> None:
+        self._handle(self.divergence.read())
+
+    def on_fit_epoch_end(self, log_vals, epoch, best_fitness, fi) -> None:
+        values = [float(v) for v in log_vals[:10]]
+        train_finite = all(math.isfinite(v) for v in values[:3])
+        val_finite = all(math.isfinite(v) for v in values[7:10])
+        event = self.divergence.validation(val_finite, train_finite, self.scaler.total_steps if self.scaler else 0)
+        if event is not None:
+            self._handle([event])
+
+    def _handle(self, events) -> None:
+        amp = self.scaler is not None and self.scaler.is_enabled()
+        finding = self.report.steps[-1].first_nonfinite if self.report.steps else None
+        for event in events:
+            place = self._skip_places.get(event.step)
+            where = f"(from epoch {place[0]}, iteration {place[1]})" if place else f"(epoch {self.epoch})"
+            text = message(event, likely_cause(event, amp, self.hyp_advice, finding), where, finding)
+            if self.promoted:
+                text += f" Promoted to float32 so far: {', '.join(self.promoted)}."
+            self.divergences.append(text)
+            if self.on_divergence == "stop":
+                self.report.logger.error(text + " Stopping (--nanops-on-divergence stop); the last checkpoint "
+                                         "written stays.")
+                raise Diverged(text)
+            if self.on_divergence == "rollback" and self._rollback is not None:
+                step = self._rollback.restore(event.step, self._state_objects())
+                if step is not None:
+                    if self.window is not None:
+                        self.window.resnapshot()
+                    text += f" Rolled back to optimizer step {step}'s model, EMA and optimizer, lr divided by 10."
+            self.report.logger.warning(text)
 
     def on_train_end(self, last, best, epoch, results) -> None:
         note = ""
         if self.unsaved:
             note = (f"{len(self.unsaved)} checkpoint write(s) refused because the model or EMA was not finite as "
                     f"saved (the last good files were kept): {', '.join(self.unsaved[:3])}")
+        if self.promoted:
+            note = (note + " " if note else "") + f"Run in float32 after a float16 overflow: {', '.join(self.promoted)}."
         self.report.finish(self.opt.save_dir, self.scaler.total_steps if self.scaler is not None else 0,
                            self.scaler.skipped_steps if self.scaler is not None else 0, note)
 
@@ -222,7 +332,8 @@ class Protection:
         from yolov5.utils.callbacks import Callbacks
 
         callbacks = Callbacks()
-        for hook in ("on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_end"):
+        for hook in ("on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end",
+                     "on_fit_epoch_end", "on_train_end"):
             callbacks.register_action(hook, name="nanops", callback=getattr(self, hook))
         return callbacks
 
@@ -239,7 +350,7 @@ class Protection:
             (yolov5_train, "attempt_load", self._patched(yolov5_train.attempt_load)),
             (torch.cuda.amp, "GradScaler", self._scaler_factory),
             (GradScaler, "unscale_", self._scaler_unscale(GradScaler.unscale_)),
-            (torch.nn.utils, "clip_grad_norm_", clip_grad_norm_),
+            (torch.nn.utils, "clip_grad_norm_", self._clip(clip_grad_norm_)),
             (ModelEMA, "update", self._ema_update(ModelEMA.update)),
             (yolov5_train, "ComputeLoss", self._loss_factory(yolov5_train.ComputeLoss)),
             (torch, "save", self._save(torch.save)),
@@ -282,10 +393,10 @@ def _argv(argv: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def _train(opt) -> Protection:
+def _train(opt, on_divergence: str = "warn") -> Protection:
     import yolov5.train as yolov5_train
 
-    protection = Protection(opt)
+    protection = Protection(opt, on_divergence)
     with protection.installed():
         yolov5_train.main(opt, callbacks=protection.callbacks())
     return protection
@@ -305,11 +416,14 @@ def _options(kwargs: dict):
 def run(**kwargs) -> object:
     """yolov5.train.run(**kwargs) protected by nanops; returns yolov5's opt namespace, with
     `opt.nanops_skipped` (a list of SkippedStep) added."""
+    policy = kwargs.pop("nanops_on_divergence", os.environ.get(POLICY_ENV, "warn"))
     opt = _options(kwargs)
-    protection = _train(opt)
+    protection = _train(opt, policy)
     used = protection.opt  # yolov5 builds a new opt on --resume
     used.nanops_skipped = protection.report.steps
     used.nanops_unsaved = protection.unsaved
+    used.nanops_promoted = protection.promoted
+    used.nanops_divergences = protection.divergences
     return used
 
 
@@ -335,20 +449,56 @@ def main(argv: list[str]) -> int:
         return 2
     import yolov5.train as yolov5_train
 
+    try:
+        policy, argv = _own_flags(argv)
+    except ValueError as err:
+        print(f"nanops train: {err}", file=sys.stderr)
+        return 2
     with _argv(["nanops train", *argv]):
         opt = yolov5_train.parse_opt()  # yolov5's own parser: unknown flags get its usage and exit 2
     try:
-        protection = _train(opt)
+        protection = _train(opt, policy)
     except (AssertionError, FileNotFoundError, pickle.UnpicklingError) as err:
         # yolov5 reports bad paths and arguments by assertion; its message, without our frames.
         print(f"nanops train: {err}", file=sys.stderr)
         return 2
+    except Diverged as err:
+        print(f"nanops train: stopped: {err}", file=sys.stderr)
+        return 3
     if protection.unsaved:
         print(f"nanops train: the run ended with a model that could not be saved finite; {len(protection.unsaved)} "
               f"checkpoint write(s) were refused and the last good files kept ({protection.unsaved[-1]})",
               file=sys.stderr)
         return 1
     return 0
+
+
+POLICY_ENV = "NANOPS_ON_DIVERGENCE"
+
+
+def _own_flags(argv: list[str]) -> tuple[str, list[str]]:
+    """nanops' own options, taken out before yolov5's parser sees the rest; all start with
+    --nanops- so they can never clash with a yolov5 flag. --nanops-on-divergence warn|stop|rollback
+    (default: $NANOPS_ON_DIVERGENCE, else warn)."""
+    policy = os.environ.get(POLICY_ENV, "warn")
+    rest, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--nanops-on-divergence" or arg.startswith("--nanops-on-divergence="):
+            if "=" in arg:
+                policy = arg.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                policy, i = argv[i + 1], i + 1
+            else:
+                raise ValueError("--nanops-on-divergence needs a value: warn, stop or rollback")
+        elif arg.startswith("--nanops-"):
+            raise ValueError(f"unknown nanops option {arg} (there is --nanops-on-divergence)")
+        else:
+            rest.append(arg)
+        i += 1
+    if policy not in POLICIES:
+        raise ValueError(f"--nanops-on-divergence must be one of {', '.join(POLICIES)}, got {policy!r}")
+    return policy, rest
 
 
 def inject_nonfinite_input(step: int, value: float = math.inf):
