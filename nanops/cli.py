@@ -37,9 +37,10 @@ def _cmd_demo(args) -> int:
         print(f"nanops demo: needs the yolov5 package ({err}); install it with: pip install 'nanops[yolov5]'",
               file=sys.stderr)
         return 2
-    plain, ours = run_demo(epochs=args.epochs, corrupt_step=args.corrupt_step, batch=args.batch,
-                           image_size=args.img, images=args.images, plot=None if args.no_plot else Path(args.plot))
-    # Success: nanops skipped the corrupt step and ended with finite weights and validation.
+    clean, plain, ours = run_demo(epochs=args.epochs, corrupt_step=args.corrupt_step, batch=args.batch,
+                                  image_size=args.img, images=args.images,
+                                  plot=None if args.no_plot else Path(args.plot))
+    # Success: nanops kept the corrupt batch out and ended with finite weights and validation.
     recovered = ours.weights_finite and bool(ours.skipped) and all(math.isfinite(v) for v in ours.val_loss)
     return 0 if recovered else 1
 
@@ -160,10 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="yolov5's own training (any `yolov5 train` flag), protected by nanops",
                    add_help=False)
     demo = sub.add_parser("demo", help="plain yolov5 training vs nanops on a run with a corrupt batch")
-    demo.add_argument("--epochs", type=int, default=5)
-    demo.add_argument("--corrupt-step", type=int, default=1, help="training batch (from 0) given a non-finite pixel")
-    demo.add_argument("--batch", type=int, default=4)
-    demo.add_argument("--images", type=int, default=16, help="synthetic training images")
+    demo.add_argument("--epochs", type=int, default=30)
+    demo.add_argument("--corrupt-step", type=int, default=5, help="training batch (from 0) given a non-finite pixel")
+    demo.add_argument("--batch", type=int, default=16)
+    demo.add_argument("--images", type=int, default=64, help="synthetic training images")
     demo.add_argument("--img", type=int, default=64)
     demo.add_argument("--plot", default="nanops_demo.png")
     demo.add_argument("--no-plot", action="store_true")

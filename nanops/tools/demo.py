@@ -1,10 +1,13 @@
-"""`nanops demo`: plain `yolov5 train` vs `nanops train` on the same corrupted run.
+"""`nanops demo`: a clean run, plain `yolov5 train` with a corrupt batch, and `nanops train` with the
+same corrupt batch, side by side.
 
-Writes a tiny synthetic YOLO dataset, then runs the yolov5 package's own training twice with
-the same seed, flags and data: once plain, once under `nanops train`. In both, one training
-batch carries a non-finite pixel (as an overflowed image decode gives). Plain yolov5 writes
-NaN into the weights and BatchNorm statistics, and every later validation is NaN; nanops skips
-that step, names the first non-finite module, and trains on.
+Writes a tiny synthetic YOLO dataset (one class of flat-coloured boxes on noise) and trains a
+yolov5 nano-width transformer model (yolov5s-transformer's layers at width 0.25) with yolov5's
+own train.py three times, same seed and flags: clean; plain with one training batch carrying a
+non-finite pixel (as an overflowed image decode gives); nanops train with that batch. The
+configuration (64 px, 64 images, batch 16, 30 epochs, lr0 0.1, no mosaic) takes about twenty
+seconds a run on two CPU cores, and mAP@.5 climbs from 0.01 to about 0.8, so the point shows in the numbers: nanops tracks the clean run,
+plain yolov5 is NaN from the corrupt batch on.
 """
 from __future__ import annotations
 
@@ -19,10 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
 
 from ..yolov5.env import prepare_environment, quiet_yolov5_import, transformer_yaml
 from ..yolov5.train import SkippedStep, inject_nonfinite_input, run, run_plain
 from .synthetic import write_yolo_dataset
+
+# What makes a from-scratch detector learn in a minute: a narrow model, one class of large boxes,
+# a higher lr0 (yolov5 warms up over at least 100 iterations), no mosaic/scale/translate.
+DEMO_WIDTH = 0.25
+DEMO_HYP = {"lr0": 0.1, "mosaic": 0.0, "scale": 0.0, "translate": 0.0}
 
 
 @dataclass
@@ -34,10 +43,11 @@ class RunLog:
     map50: list[float] = field(default_factory=list)
     skipped: list[SkippedStep] = field(default_factory=list)
     weights_finite: bool = True
+    seconds: float = 0.0
 
 
-def read_results(name: str, save_dir: Path) -> RunLog:
-    log = RunLog(name)
+def read_results(name: str, save_dir: Path, seconds: float = 0.0) -> RunLog:
+    log = RunLog(name, seconds=seconds)
     with (save_dir / "results.csv").open() as f:
         for row in csv.DictReader(f):
             row = {k.strip(): v.strip() for k, v in row.items()}
@@ -50,23 +60,26 @@ def read_results(name: str, save_dir: Path) -> RunLog:
 
 
 def _fmt(v: float) -> str:
-    return f"{v:9.4f}" if math.isfinite(v) else f"{str(v):>9}"
+    return f"{v:8.4f}" if math.isfinite(v) else f"{str(v):>8}"
 
 
-def print_table(plain: RunLog, ours: RunLog) -> None:
-    print(f"\n{'epoch':>5} | {'plain yolov5':^21} | {'nanops train':^21}")
-    print(f"{'':>5} | {'val loss':>9} {'mAP@.5':>11} | {'val loss':>9} {'mAP@.5':>11}")
-    print("-" * 55)
-    for e in range(len(plain.val_loss)):
-        print(f"{e:>5} | {_fmt(plain.val_loss[e])} {_fmt(plain.map50[e]):>11} | "
-              f"{_fmt(ours.val_loss[e])} {_fmt(ours.map50[e]):>11}")
+def print_table(clean: RunLog, plain: RunLog, ours: RunLog) -> None:
+    runs = (clean, plain, ours)
+    print(f"\n{'epoch':>5} | " + " | ".join(f"{r.name:^17}" for r in runs))
+    print(f"{'':>5} | " + " | ".join(f"{'val loss':>8} {'mAP@.5':>8}" for _ in runs))
+    print("-" * 66)
+    for e in range(len(clean.val_loss)):
+        print(f"{e:>5} | " + " | ".join(f"{_fmt(r.val_loss[e])} {_fmt(r.map50[e])}" for r in runs))
     for s in ours.skipped:
-        print(f"nanops skipped the step at epoch {s.epoch}, iteration {s.iteration}; first non-finite: "
-              f"{s.first_nonfinite}")
+        what = "non-finite batch" if s.kind == "batch" else "skipped step"
+        print(f"nanops: {what} at epoch {s.epoch}, iteration {s.iteration}; first non-finite: {s.first_nonfinite}")
+    print(f"final mAP@.5: clean {clean.map50[-1]:.3f}, plain yolov5 {plain.map50[-1]:.3f}, nanops "
+          f"{ours.map50[-1]:.3f}; nanops vs clean at the end: val loss {_fmt(ours.val_loss[-1]).strip()} vs "
+          f"{_fmt(clean.val_loss[-1]).strip()}")
     print(f"final weights finite: plain yolov5 {plain.weights_finite}, nanops {ours.weights_finite}")
 
 
-def save_plot(plain: RunLog, ours: RunLog, path: Path) -> Path | None:
+def save_plot(clean: RunLog, plain: RunLog, ours: RunLog, path: Path) -> Path | None:
     try:
         import matplotlib
 
@@ -74,19 +87,30 @@ def save_plot(plain: RunLog, ours: RunLog, path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    epochs = list(range(len(plain.val_loss)))
-    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(10, 4))
-    for log, style in ((plain, "o-"), (ours, "s-")):
-        label = "plain yolov5 train" if log is plain else "nanops train"
-        ax_loss.plot(epochs, [v if math.isfinite(v) else float("nan") for v in log.val_loss], style, label=label)
-        ax_map.plot(epochs, [v if math.isfinite(v) else 0.0 for v in log.map50], style, label=label)
-    for e, v in enumerate(plain.val_loss):
-        if not math.isfinite(v):
-            ax_loss.axvspan(e - 0.4, e + 0.4, color="red", alpha=0.1, lw=0)
-    ax_loss.set(xlabel="epoch", ylabel="val loss (red: plain is NaN)", title="validation loss")
-    ax_map.set(xlabel="epoch", ylabel="mAP@.5", title="validation mAP@.5")
-    ax_loss.legend()
-    fig.suptitle("yolov5s-transformer, yolov5's own train.py, same seed, one corrupt batch")
+    epochs = list(range(len(clean.val_loss)))
+    fig, (ax_loss, ax_map) = plt.subplots(1, 2, figsize=(11, 4.2))
+    styles = {clean.name: ("tab:green", "-", "o"), plain.name: ("tab:red", "--", "x"),
+              ours.name: ("tab:blue", "-", "s")}
+    for log in (clean, plain, ours):
+        color, line, marker = styles[log.name]
+        ax_loss.plot(epochs, [v if math.isfinite(v) else float("nan") for v in log.val_loss], line, color=color,
+                     marker=marker, ms=3, label=log.name)
+        ax_map.plot(epochs, [v if math.isfinite(v) else 0.0 for v in log.map50], line, color=color, marker=marker,
+                    ms=3, label=log.name)
+    for ax in (ax_loss, ax_map):
+        for e, v in enumerate(plain.val_loss):
+            if not math.isfinite(v):
+                ax.axvspan(e - 0.5, e + 0.5, color="tab:red", alpha=0.08, lw=0)
+        for s in ours.skipped:
+            ax.axvline(s.epoch, color="tab:blue", lw=0.8, ls=":")
+        ax.set_xlabel("epoch")
+    ax_loss.set(ylabel="val loss (red band: plain yolov5 is NaN)", title="validation loss")
+    ax_map.set(ylabel="mAP@.5 (plain's NaN epochs drawn as 0)", title="validation mAP@.5")
+    if ours.skipped:
+        ax_map.text(ours.skipped[0].epoch + 0.4, 0.12, "corrupt batch\nkept out by nanops", color="tab:blue",
+                    fontsize=8)
+    ax_map.legend(loc="upper left")
+    fig.suptitle("yolov5's own train.py, same seed and flags: clean, and with one corrupt batch (plain / nanops)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -107,32 +131,53 @@ def _quiet_yolov5():
         LOGGER.setLevel(level)
 
 
-def run_demo(epochs: int = 5, corrupt_step: int = 1, batch: int = 4, image_size: int = 64, images: int = 16,
-             plot: Path | None = Path("nanops_demo.png"), workdir: Path | None = None) -> tuple[RunLog, RunLog]:
-    """Trains plain and protected, prints the per-epoch comparison; returns both logs.
+def _demo_files(root: Path, images: int, image_size: int) -> tuple[Path, Path, Path]:
+    """The dataset, the nano-width transformer model yaml and the hyp of the demo."""
+    data = write_yolo_dataset(root / "data", num_train=images, num_val=max(8, images // 4), size=image_size,
+                              num_classes=1, box_size=(0.35, 0.6), max_boxes=2)
+    cfg = yaml.safe_load(transformer_yaml().read_text())
+    cfg.update(nc=1, width_multiple=DEMO_WIDTH)
+    cfg_path = root / "yolov5n-transformer.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    hyp = yaml.safe_load((transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    hyp.update(DEMO_HYP)
+    hyp_path = root / "hyp.demo.yaml"
+    hyp_path.write_text(yaml.safe_dump(hyp))
+    return data, cfg_path, hyp_path
 
-    corrupt_step counts training batches from 0 (a batch of `batch` images)."""
+
+def run_demo(epochs: int = 30, corrupt_step: int = 5, batch: int = 16, image_size: int = 64, images: int = 64,
+             plot: Path | None = Path("nanops_demo.png"),
+             workdir: Path | None = None) -> tuple[RunLog, RunLog, RunLog]:
+    """Trains clean, plain-corrupt and nanops-corrupt; prints the per-epoch comparison; returns
+    the three logs. corrupt_step counts training batches from 0 (a batch of `batch` images)."""
     prepare_environment()
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        data = write_yolo_dataset(root / "data", num_train=images, num_val=max(2, images // 2), size=image_size)
-        flags = dict(data=str(data), cfg=str(transformer_yaml()), weights="", epochs=epochs, batch_size=batch,
+        data, cfg, hyp = _demo_files(root, images, image_size)
+        flags = dict(data=str(data), cfg=str(cfg), hyp=str(hyp), weights="", epochs=epochs, batch_size=batch,
                      imgsz=image_size, workers=0, project=str(root / "runs"), exist_ok=True, noplots=True,
                      device="" if torch.cuda.is_available() else "cpu")
-        print(f"nanops demo: yolov5s-transformer trained by yolov5's own train.py for {epochs} epochs on {images} "
-              f"synthetic {image_size}px images (batch {batch}); a non-finite pixel in training batch "
-              f"{corrupt_step}. Same seed and flags for both runs.")
-        with _quiet_yolov5():
-            with inject_nonfinite_input(corrupt_step):
-                plain_dir = run_plain(name="plain", **flags)
-            with inject_nonfinite_input(corrupt_step):
-                opt = run(name="nanops", **flags)
-        plain = read_results("plain yolov5", plain_dir)
-        ours = read_results("nanops", Path(opt.save_dir))
-        ours.skipped = opt.nanops_skipped
-    print_table(plain, ours)
-    if plot is not None and (saved := save_plot(plain, ours, plot)):
+        print(f"nanops demo: a yolov5 transformer model (width {DEMO_WIDTH}) trained by yolov5's own train.py for "
+              f"{epochs} epochs on {images} synthetic {image_size}px images (batch {batch}), three times with the "
+              f"same seed: clean; plain yolov5 with a non-finite pixel in training batch {corrupt_step}; nanops "
+              "train with that batch.")
+        logs = []
+        for name, corrupt, train in (("clean", False, run_plain), ("plain yolov5", True, run_plain),
+                                     ("nanops train", True, run)):
+            start = time.perf_counter()
+            with _quiet_yolov5(), (inject_nonfinite_input(corrupt_step) if corrupt else contextlib.nullcontext()):
+                result = train(name=name.replace(" ", "-"), **flags)
+            save_dir = Path(result) if isinstance(result, (str, Path)) else Path(result.save_dir)
+            log = read_results(name, save_dir, time.perf_counter() - start)
+            if not isinstance(result, (str, Path)):
+                log.skipped = result.nanops_skipped
+            logs.append(log)
+    clean, plain, ours = logs
+    print_table(clean, plain, ours)
+    if plot is not None and (saved := save_plot(clean, plain, ours, plot)):
         print(f"curves: {saved}")
-    print(f"({time.perf_counter() - t0:.0f} s)")
-    return plain, ours
+    training = sum(log.seconds for log in logs)
+    print(f"({time.perf_counter() - t0:.0f} s, {training:.0f} s of it training)")
+    return clean, plain, ours

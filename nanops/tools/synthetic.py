@@ -7,12 +7,12 @@ import numpy as np
 
 
 def write_yolo_dataset(root: Path, num_train: int = 8, num_val: int = 4, size: int = 64, num_classes: int = 3,
-                       seed: int = 0) -> Path:
+                       seed: int = 0, box_size: tuple[float, float] = (0.2, 0.5), max_boxes: int = 3) -> Path:
     """Writes images/{train,val}/*.png, labels/{train,val}/*.txt (class cx cy w h, normalised)
     and data.yaml under `root`; returns the data yaml's path.
 
-    Each image is dim noise with 1-3 flat-coloured boxes whose colour depends on the class, so
-    a detector can learn something in a few epochs."""
+    Each image is dim noise with 1 to max_boxes flat-coloured boxes (sides a uniform fraction
+    of the image in box_size) whose colour depends on the class, so a detector can learn them."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
@@ -25,9 +25,9 @@ def write_yolo_dataset(root: Path, num_train: int = 8, num_val: int = 4, size: i
         for i in range(count):
             pixels = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
             rows = []
-            for _ in range(int(rng.integers(1, 4))):
+            for _ in range(int(rng.integers(1, max_boxes + 1))):
                 cls = int(rng.integers(0, num_classes))
-                w, h = rng.uniform(0.2, 0.5, 2)
+                w, h = rng.uniform(*box_size, 2)
                 cx, cy = rng.uniform(w / 2, 1 - w / 2), rng.uniform(h / 2, 1 - h / 2)
                 x0, x1 = int((cx - w / 2) * size), int((cx + w / 2) * size)
                 y0, y1 = int((cy - h / 2) * size), int((cy + h / 2) * size)
