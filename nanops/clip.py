@@ -8,7 +8,9 @@ Differences from torch, all on purpose:
     ``found_inf`` is set to 1 when given, GradScaler-style);
   * ``inv_scale`` fuses AMP unscaling into the same passes;
   * no host synchronisation unless ``error_if_nonfinite=True``;
-  * ``process_group`` combines sharded grads with one torch.distributed collective.
+  * ``process_group`` combines sharded grads with one torch.distributed collective; DTensor
+    grads (FSDP2) find their mesh's group themselves and give torch's total norm (as a plain
+    tensor, the same on every rank).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from collections.abc import Iterable
 import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from . import _distributed
 from .ops import _tensor_list, all_finite, check_device, norm_dtype
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
@@ -244,6 +247,8 @@ def clip_grad_norm_(
         return torch.tensor(0.0)
     p = _check_norm_type(norm_type)
     max_norm = _check_max_norm(max_norm)
+    if _distributed.any_sharded(grads):
+        return _clip_sharded(grads, p, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group)
     if process_group is None and p != 0:
         fused = _fused(grads, max_norm, p, inv_scale, found_inf, scale=True)
         if fused is not None:
@@ -273,11 +278,55 @@ def clip_coef_for_fused_step(
     tensor equal to 1 / (inv_scale * clip factor). Where the one-launch path does not apply (grads
     on several devices, sparse grads), the grads are clipped in place and grad_divisor is None."""
     grads = _grad_list(parameters)
-    if grads:
+    if grads and not _distributed.any_sharded(grads):
         fused = _fused(grads, _check_max_norm(max_norm), 2.0, inv_scale, found_inf, scale=False)
         if fused is not None:
             return fused[0], fused[2]
     return clip_grad_norm_(grads, max_norm, inv_scale=inv_scale, found_inf=found_inf), None
+
+
+def _clip_sharded(grads, p, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group):
+    """clip_grad_norm_ over DTensor grads: the local shards' norm summaries gathered over the
+    mesh (each replicated shard counted once), so every rank gets the whole model's norm and
+    scales its shards by the same coefficient; a NaN in any rank's shard sets every rank's
+    found_inf."""
+    shards = _distributed.local_shards(grads, "clip_grad_norm_")
+    group = process_group if process_group is not None else shards.group
+    if p == 0:
+        total_norm, coef = _zero_norm_sharded(shards, grads, max_norm, inv_scale, found_inf, group)
+        _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
+    else:
+        # A rank that counts no shard (a replica) still takes part in the gather, with nothing.
+        counted = shards.counted or [shards.local[0].new_zeros(0)]
+        _, total_norm, coef = _total_norm_and_coef(counted, p, max_norm, error_if_nonfinite, inv_scale=inv_scale,
+                                                   found_inf=found_inf, process_group=group)
+    for dev, gs in _group_grads(shards.local)[0].items():
+        torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
+    return total_norm
+
+
+def _sharded_total_norm(tensors, p, error_if_nonfinite):
+    shards = _distributed.local_shards(tensors, "get_total_norm")
+    if p == 0:
+        total_norm, _ = _zero_norm_sharded(shards, tensors, math.inf, None, None, shards.group)
+        _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
+        return total_norm
+    counted = shards.counted or [shards.local[0].new_zeros(0)]
+    return _total_norm_and_coef(counted, p, math.inf, error_if_nonfinite, process_group=shards.group)[1]
+
+
+def _zero_norm_sharded(shards, grads, max_norm, inv_scale, found_inf, group):
+    """norm_type=0 over DTensors: a tensor counts when any of its shards holds a non-zero."""
+    home = shards.local[0].device
+    per_tensor = torch.zeros(len(grads), dtype=torch.float64, device=home)
+    for i, shard in zip(shards.counted_index, shards.counted):
+        per_tensor[i] = torch.count_nonzero(shard)  # NaN counts as non-zero, as torch counts it
+    nonfinite = (~all_finite(shards.local)).to(device=home, dtype=torch.float64).reshape(1)
+    _distributed.sum_over(per_tensor, group)
+    _distributed.agree(nonfinite, group)
+    total = (per_tensor > 0).sum().double()
+    dtype = norm_dtype({g.dtype for g in shards.local})
+    return total.to(dtype), _clip_coef_on_device(total, nonfinite.reshape(()) > 0, max_norm, inv_scale, found_inf)
 
 
 def _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group):
@@ -350,6 +399,8 @@ def get_total_norm(
                              "pass detached tensors (e.g. the .grad of parameters) or use "
                              "torch.nn.utils.get_total_norm")
     p = _check_norm_type(norm_type)
+    if _distributed.any_sharded(tensor_list):
+        return _sharded_total_norm(tensor_list, p, error_if_nonfinite)
     fused = _fused(tensor_list, math.inf, p, None, None, scale=False) if p != 0 else None
     if fused is not None:
         _raise_if_nonfinite(fused[0], p, error_if_nonfinite)
@@ -382,6 +433,10 @@ def clip_grads_with_norm_(
     grads = _grad_list(parameters)
     if not grads:
         return
+    if _distributed.is_sharded(total_norm):  # torch's get_total_norm of DTensors: replicated
+        total_norm = total_norm.full_tensor()
+    if _distributed.any_sharded(grads):
+        grads = _distributed.local_shards(grads, "clip_grads_with_norm_").local
     for dev, gs in _group_grads(grads)[0].items():
         norm = total_norm.reshape(()).to(dev, dtype=torch.float64, non_blocking=True)
         torch.ops.nanops.scale_tensors_.default(gs, _clip_coef_on_device(norm, ~torch.isfinite(norm), max_norm))

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from . import _distributed
 from ._loader import check_device
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor | None]
@@ -65,11 +66,14 @@ def _as_list(tensors: TensorOrTensors, name: str) -> list[torch.Tensor] | tuple[
     return _tensor_list(tensors, name)
 
 
-def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], torch.Tensor]) -> torch.Tensor:
+def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], torch.Tensor],
+                  over_shards: Callable | None = None) -> torch.Tensor:
     """op(list) with the checks in C++ only. When the op refuses the list (None entries, a
-    non-tensor, several devices, a sparse tensor, a CUDA tensor in a CPU-only build), the list is
-    examined in Python: None entries are dropped and the op called again, anything else raises an
-    error naming the argument. So a well-formed list costs no per-tensor Python work."""
+    non-tensor, several devices, a sparse tensor, a CUDA tensor in a CPU-only build, DTensors),
+    the list is examined in Python: None entries are dropped and the op called again, anything
+    else raises an error naming the argument. So a well-formed list costs no per-tensor Python
+    work. DTensors (FSDP2 grads) go to `over_shards(op, shards)`, which runs the op on the local
+    shards and reduces the result over the mesh."""
     tensor_list = _as_list(tensors, f"{what}: tensors")
     if not tensor_list:
         return empty()
@@ -79,8 +83,29 @@ def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], t
         checked = _tensor_list(tensor_list, f"{what}: tensors")
         if not checked:
             return empty()
+        if _distributed.any_sharded(checked):
+            shards = _distributed.local_shards(checked, what)
+            _check_list(shards.local, what)
+            return over_shards(op, shards)
         _check_list(checked, what)
         return op(checked)
+
+
+def _counts_over_shards(op, shards: _distributed.LocalShards) -> torch.Tensor:
+    counts = op(shards.local)
+    counted = torch.zeros_like(counts)
+    index = torch.tensor(shards.counted_index, dtype=torch.long, device=counts.device)
+    counted.index_copy_(0, index, counts.index_select(0, index))  # a replica's rows count once
+    return _distributed.sum_over(counted, shards.group)
+
+
+def _flag_over_shards(op, shards: _distributed.LocalShards) -> torch.Tensor:
+    return _distributed.agree(op(shards.local), shards.group)
+
+
+def _all_finite_over_shards(op, shards: _distributed.LocalShards) -> torch.Tensor:
+    nonfinite = (~op(shards.local)).to(torch.float32).reshape(1)
+    return _distributed.agree(nonfinite, shards.group).reshape(()) == 0
 
 
 def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
@@ -93,23 +118,25 @@ def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
 
     Returns:
         int64 tensor of shape (len(tensors), 3) on the tensors' device: columns are the counts of
-        NaN, +Inf and -Inf. Nothing is copied to the host.
+        NaN, +Inf and -Inf. Nothing is copied to the host. DTensors (FSDP2 grads) are counted
+        whole: the local shards' counts are summed over the mesh (every rank must call it).
     """
     return _call_list_op(torch.ops.nanops.nonfinite_counts.default, tensors, "nonfinite_counts",
-                         lambda: torch.zeros(0, 3, dtype=torch.long))
+                         lambda: torch.zeros(0, 3, dtype=torch.long), _counts_over_shards)
 
 
 def all_finite(tensors: TensorOrTensors) -> torch.Tensor:
     """0-dim bool tensor on the tensors' device: True when no tensor holds a NaN or an Inf (one
     launch on CUDA, no host sync)."""
-    return _call_list_op(torch.ops.nanops.all_finite.default, tensors, "all_finite", lambda: torch.tensor(True))
+    return _call_list_op(torch.ops.nanops.all_finite.default, tensors, "all_finite", lambda: torch.tensor(True),
+                         _all_finite_over_shards)
 
 
 def nonfinite_flag(tensors: TensorOrTensors) -> torch.Tensor:
     """float32 tensor of shape (1,) on the tensors' device: 1.0 when some tensor holds a NaN or an
     Inf, else 0.0 (the found_inf GradScaler keeps per device). One launch on CUDA, no host sync."""
     return _call_list_op(torch.ops.nanops.nonfinite_flag.default, tensors, "nonfinite_flag",
-                         lambda: torch.zeros(1))
+                         lambda: torch.zeros(1), _flag_over_shards)
 
 
 @torch.library.register_fake("nanops::nonfinite_counts")

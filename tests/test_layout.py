@@ -21,7 +21,7 @@ def _layer(module: str) -> int:
     if len(parts) == 1:
         return TOP
     head = parts[1]
-    if head in ("ops", "clip", "attention", "nn", "patching", "_loader", "_C"):
+    if head in ("ops", "clip", "attention", "nn", "patching", "_loader", "_distributed", "_C"):
         return OPS
     if head == "training":
         return TRAINING
@@ -70,7 +70,7 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_every_module_has_a_layer():
     assert len(SOURCES) > 20
     heads = {_module_name(p).split(".")[1] for p in SOURCES if "." in _module_name(p)}
-    assert heads <= {"ops", "clip", "attention", "nn", "patching", "_loader", "training", "yolov5", "ultralytics",
+    assert heads <= {"ops", "clip", "attention", "nn", "patching", "_loader", "_distributed", "training", "yolov5", "ultralytics",
                      "tools", "cli", "__main__"}, heads
 
 

@@ -3,6 +3,7 @@ gradient-accumulation window at an epoch's end, --resume, --evolve, and checkpoi
 be finite as saved (float16). Real yolov5 train.py runs on tiny synthetic data, CPU."""
 import contextlib
 import csv
+import logging
 import math
 from pathlib import Path
 
@@ -177,17 +178,34 @@ def _hyp_file(tmp_path: Path, **values) -> Path:
     return path
 
 
+class _LogRecords(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_sgd_lr0_100_is_warned_at_start_and_stopped_with_its_cause(data16, tmp_path, capsys):
     from nanops.cli import main
 
     root, data = data16
     hyp = _hyp_file(tmp_path, lr0=100.0)
-    code = main(["train", "--nanops-on-divergence", "stop", "--data", str(data), "--cfg", str(transformer_yaml()),
-                 "--weights", "", "--img", "64", "--batch-size", "4", "--workers", "0", "--device", "cpu",
-                 "--project", str(root / "runs"), "--name", "sgd100", "--exist-ok", "--noplots", "--epochs", "4",
-                 "--hyp", str(hyp)])
+    # yolov5's logger writes to the stream it found when first imported (maybe an earlier test's
+    # capture): its records are collected here instead.
+    records = _LogRecords()
+    logger = logging.getLogger("yolov5")
+    logger.addHandler(records)
+    try:
+        code = main(["train", "--nanops-on-divergence", "stop", "--data", str(data), "--cfg",
+                     str(transformer_yaml()), "--weights", "", "--img", "64", "--batch-size", "4", "--workers", "0",
+                     "--device", "cpu", "--project", str(root / "runs"), "--name", "sgd100", "--exist-ok",
+                     "--noplots", "--epochs", "4", "--hyp", str(hyp)])
+    finally:
+        logger.removeHandler(records)
     captured = capsys.readouterr()
-    err, everything = captured.err, captured.out + captured.err
+    err, everything = captured.err, captured.out + captured.err + "\n".join(records.messages)
     assert code == 3 and "the run is diverging" in err
     assert "Likely cause: lr0=100 with SGD" in err
     assert "hyp warning: lr0=100 with SGD" in everything  # at the start, before any step

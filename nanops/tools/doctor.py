@@ -8,7 +8,6 @@ Hyperparameters: lr0/optimizer combinations known to diverge (Adam/AdamW with SG
 """
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import stat

@@ -14,6 +14,12 @@ Host synchronisation: none with an optimizer that takes `found_inf` on the devic
 fused SGD/Adam/AdamW/Adagrad: the skip happens inside its kernel) once its state exists; one,
 reading whether to step, with any other optimizer, on an optimizer's first step, or when a
 `locate` closure must know whether to replay.
+
+Under torch.distributed every rank takes the same decision: DDP's grads are all-reduced, so the
+check over them agrees already; DTensor grads (FSDP2) agree through the norm, whose summaries are
+gathered over the mesh anyway; a flag only one rank can see (a non-finite micro-batch of an
+accumulation window) is all-reduced with the step's found_inf (one 4-byte all_reduce, on the
+stream). Replays run on each rank's own module, with no collective; the findings are gathered.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from .. import _distributed
 from ..clip import clip_coef_for_fused_step, clip_grad_norm_
 from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, RollbackState,
                          likely_cause, message)
@@ -85,7 +92,10 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
         return False
     if "grad_scaler" in inspect.signature(optimizer.step).parameters:
         return False  # the deprecated protocol: the optimizer would call our scaler
-    return all(optimizer.state.get(p) for p in _optimizer_params(optimizer) if p.grad is not None)
+    params = [p for p in _optimizer_params(optimizer) if p.grad is not None]
+    if _distributed.any_sharded(params):
+        return False  # DTensor optimizers dispatch per shard: keep found_inf off their step
+    return all(optimizer.state.get(p) for p in params)
 
 
 def _fold(found_inf: torch.Tensor, window_flag: torch.Tensor | None) -> None:
@@ -119,6 +129,7 @@ def _step(
     model: torch.nn.Module | None = None,
     rng_state: RngState | None = None,
     window_flag: torch.Tensor | None = None,
+    agree_group=False,
 ) -> StepResult:
     amp = _check_arguments(optimizer, scaler)
     params = parameters if parameters is not None else _optimizer_params(optimizer)
@@ -132,6 +143,8 @@ def _step(
         # the step, so the grads are read once by the norm and never rewritten by the clip.
         total_norm, divisor = clip_coef_for_fused_step(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
         _fold(found_inf, window_flag)
+        if agree_group is not False:
+            _distributed.agree(found_inf, agree_group)
         optimizer.grad_scale, optimizer.found_inf = divisor, found_inf.view(())  # 0-dim, as GradScaler passes
         try:
             optimizer.step()
@@ -140,6 +153,8 @@ def _step(
     else:
         total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
         _fold(found_inf, window_flag)
+        if agree_group is not False:
+            _distributed.agree(found_inf, agree_group)
         skipped = bool(found_inf.item())  # the one host sync of the step
         if not skipped:
             optimizer.step()
@@ -148,8 +163,9 @@ def _step(
     finding = None
     if skipped and locate is not None:
         try:
-            finding = locate_step(model, locate, parameters=params, loss_scale=scaler._scale if amp else None,
-                                  rng_state=rng_state)
+            with _distributed.local_forward(model):
+                finding = locate_step(_distributed.unwrap(model), locate, parameters=params,
+                                      loss_scale=scaler._scale if amp else None, rng_state=rng_state)
         except Exception as err:  # a failing locator must not change what the step did: it is the finding
             finding = Finding.replay_failed(err)
     if amp:
@@ -207,6 +223,13 @@ class Guard:
                 ema.update(model)
 
     Healthy steps run no hooks and no replay; the closure runs only on a skipped step.
+
+    Under torch.distributed, build one Guard per rank over the DDP-wrapped (or FSDP2-sharded)
+    model and call it identically on every rank: every rank skips the same steps, each restores
+    the BatchNorm statistics its own batch moved, the replay runs on each rank's module alone,
+    and `findings` holds the first rank's finding that names a module, with its rank.
+    `process_group`: grads synchronised by hand over that group (not by DDP or FSDP2) have their
+    found_inf all-reduced over it at each step.
     """
 
     def __init__(
@@ -221,6 +244,7 @@ class Guard:
         check_every: int = 100,
         limits: DivergenceLimits | None = None,
         promote_overflow: bool = True,
+        process_group=None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Guard: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -243,6 +267,7 @@ class Guard:
         self._rollback = RollbackState(every=check_every) if on_divergence == "rollback" else None
         self.promote_overflow = promote_overflow
         self.promoted: list[str] = []  # modules switched to float32 after a float16 overflow
+        self.process_group = process_group
         self.begin()
 
     def begin(self) -> None:
@@ -284,11 +309,13 @@ class Guard:
         """
         window_flag = self._window.close() if self._window is not None else None
         result = _step(self.optimizer, self.scaler, self.max_norm, self._params, snapshot=self._snapshot,
-                       locate=locate, model=self.model, rng_state=self._rng, window_flag=window_flag)
+                       locate=locate, model=self.model, rng_state=self._rng, window_flag=window_flag,
+                       agree_group=self._agree_group(window_flag))
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
         if locate is not None and result.skipped:
+            overflow = self._overflow(result.finding, locate)
+            result.finding = self._gather_findings(result, overflow)
             self.findings.append((self.total_steps, result.finding))
-            self._maybe_promote(result.finding, locate)
         amp = self.scaler is not None and self.scaler.is_enabled()
         self.divergence.record(result.found_inf, loss, result.total_norm, self.scaler._scale if amp else None)
         self.total_steps += 1
@@ -299,16 +326,58 @@ class Guard:
         self.begin()
         return result
 
-    def _maybe_promote(self, finding: Finding | None, locate: LossFn) -> None:
+    def _agree_group(self, window_flag: torch.Tensor | None):
+        """The group whose ranks must agree on found_inf with an all_reduce, or False where they
+        agree already (one process; DDP-synced or DTensor grads and no rank-local window flag).
+        Every rank reaches the same answer: windows are opened by the same calls on every rank."""
+        if _distributed.world_size() == 1:
+            return False
+        if self.process_group is not None:
+            return self.process_group
+        return None if window_flag is not None else False
+
+    def _overflow(self, finding: Finding | None, locate: LossFn) -> str | None:
+        """The module whose float16 forward overflowed in this rank's replay (its name), if any."""
         if not (self.promote_overflow and self.scaler is not None and self.scaler.is_enabled()):
-            return
-        found = find_overflow(self.model, finding, locate, self._rng)
-        if found is not None and promote(found[1]):
-            self.promoted.append(found[0])
-            warnings.warn(f"nanops: float16 overflow in the forward of {found[0]} (its inputs were finite): it "
-                          "runs in float32 from now on, the rest of the model in float16", stacklevel=3)
+            return None
+        with _distributed.local_forward(self.model):
+            found = find_overflow(_distributed.unwrap(self.model), finding, locate, self._rng)
+        return found[0] if found is not None else None
+
+    def _gather_findings(self, result: StepResult, overflow: str | None) -> Finding | None:
+        """Every rank's replay finding and overflowing module: the first real finding (with its
+        rank under torch.distributed) is the step's on every rank, and a module that overflowed
+        on any rank is promoted on all of them, so the replicas keep computing alike."""
+        finding = result.finding
+        if _distributed.world_size() > 1:
+            ranks = _distributed.gather_to_all((result.finding, overflow))
+            for r, (f, _) in enumerate(ranks):
+                if f is not None:
+                    f.rank = r
+            found = [f for f, _ in ranks if f is not None]
+            finding = next((f for f in found if f.phase != "replay failed"), found[0] if found else None)
+            overflows = list(dict.fromkeys(name for _, name in ranks if name is not None))
+        else:
+            overflows = [overflow] if overflow is not None else []
+        modules = dict(_distributed.unwrap(self.model).named_modules())
+        for name in overflows:
+            if name in modules and promote(modules[name]):
+                self.promoted.append(name)
+                warnings.warn(f"nanops: float16 overflow in the forward of {name} (its inputs were finite): it "
+                              "runs in float32 from now on, the rest of the model in float16", stacklevel=4)
+        return finding
 
     def _handle(self, events: list[DivergenceEvent], amp: bool) -> None:
+        if _distributed.world_size() > 1:
+            # Every rank acts on every rank's events (a loss is per rank): a stop or a rollback
+            # taken by one replica alone would hang or split the others.
+            seen, merged = set(), []
+            for rank_events in _distributed.gather_to_all(events):
+                for event in rank_events:
+                    if (event.kind, event.step) not in seen:
+                        seen.add((event.kind, event.step))
+                        merged.append(event)
+            events = merged
         last_finding = next((f for _, f in reversed(self.findings) if f is not None), None)
         for event in events:
             where = str(last_finding) if last_finding is not None else None

@@ -8,6 +8,10 @@ behaviour with AMP on (scale, unscale_, step, update and state_dict are torch's)
   * `protect(model)`: a skipped step also restores the model's BatchNorm running statistics to
     what they were before the batch (its forward already moved them);
   * `skipped_steps`, `total_steps`, `last_step_skipped` and `on_skip` callbacks for logging and EMA.
+
+Under torch.distributed every rank skips the same steps: DDP's grads are all-reduced and DTensor
+grads (FSDP2) are checked over the whole mesh, so found_inf agrees already; `skip_if` flags, which
+only their rank sees, are all-reduced with it (one 4-byte all_reduce on the step's stream).
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
+from .. import _distributed
 from ..ops import nonfinite_flag
 from .snapshot import NormBufferSnapshot
 
@@ -64,6 +69,8 @@ class GradScaler(torch.amp.GradScaler):
         backoff_factor: float = 0.5,
         growth_interval: int = 2000,
         enabled: bool = True,
+        *,
+        process_group=None,
     ) -> None:
         super().__init__(device, init_scale=init_scale, growth_factor=growth_factor, backoff_factor=backoff_factor,
                          growth_interval=growth_interval, enabled=enabled)
@@ -78,6 +85,7 @@ class GradScaler(torch.amp.GradScaler):
         self._optimizer_params: dict[int, tuple[int, set[int]]] = {}  # id -> (param count, param ids)
         self._on_skip: list[Callable[[], None]] = []
         self._skip_flags: list[torch.Tensor] = []  # skip_if() flags for the coming step
+        self.process_group = process_group  # grads synchronised by hand over it: found_inf all-reduced
 
     # ---------------------------------------------------------------------------------------
     def protect(self, model: torch.nn.Module) -> GradScaler:
@@ -90,16 +98,21 @@ class GradScaler(torch.amp.GradScaler):
     def skip_if(self, flag: torch.Tensor) -> None:
         """The coming step is also skipped where `flag` (a one-element device tensor) is non-zero,
         e.g. a gradient-accumulation window holding a non-finite micro-batch whose grads
-        happened to stay finite. Folded into found_inf on the device: no host sync."""
+        happened to stay finite. Folded into found_inf on the device: no host sync. Under
+        torch.distributed call it on every rank for the same steps (a zero flag where nothing
+        happened): the flags are all-reduced so that every rank skips together."""
         self._skip_flags.append(flag.detach())
 
     def _fold_skip_flags(self, state: dict) -> None:
-        if not self._skip_flags:
-            return
+        folded = bool(self._skip_flags)
         for device, found in state["found_inf_per_device"].items():
             for flag in self._skip_flags:
                 found.add_(flag.to(device=device, dtype=found.dtype).reshape(found.shape))
         self._skip_flags.clear()
+        if _distributed.world_size() > 1 and (folded or self.process_group is not None):
+            # A rank-local flag (or grads synchronised by hand): every rank must take one decision.
+            for found in state["found_inf_per_device"].values():
+                _distributed.agree(found, self.process_group)
 
     def on_skip(self, callback: Callable[[], None]) -> None:
         """`callback()` runs after each skipped step (after the buffers were restored)."""

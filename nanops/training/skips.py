@@ -12,7 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from .locate import RngState, locate_step
+from .. import _distributed
+from .locate import RngState, find_overflow, locate_step
+from .promote import promote
 from .watch import Finding
 
 SKIPPED_CSV = "nanops_skipped_steps.csv"
@@ -57,6 +59,47 @@ def first_nonfinite(
         return describe(locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state))
     except Exception as err:
         return describe(Finding.replay_failed(err))
+
+
+def replay_where(
+    model: torch.nn.Module,
+    loss_fn: Callable[[], torch.Tensor],
+    *,
+    loss_scale: torch.Tensor | float | None,
+    rng_state: RngState | None,
+    amp: bool,
+) -> tuple[str, str | None]:
+    """A skipped micro-batch replayed on this rank's `model` alone: where it first went
+    non-finite (as `describe` writes it) and, under AMP, the module whose float16 forward
+    overflowed from finite inputs (else None), for `agree_on_where` to promote."""
+    try:
+        finding = locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state)
+    except Exception as err:  # the replay must never stop the training it reports on
+        return describe(Finding.replay_failed(err)), None
+    where = describe(finding)
+    if amp:
+        found = find_overflow(model, finding, loss_fn, rng_state)
+        if found is not None:
+            return where + f" (a float16 overflow: {found[0]} runs in float32 from now on)", found[0]
+    return where, None
+
+
+def agree_on_where(model: torch.nn.Module, where: str, overflow: str | None, promoted: list[str]) -> str:
+    """The finding the report gives, the same on every rank, and the overflowing modules run in
+    float32 from now on (appended to `promoted`). One process: `where` itself. Under
+    torch.distributed (every rank calls it, after the same skip): the first rank's finding that
+    names a module, with its rank, and a module that overflowed on any rank promoted on all, so
+    the replicas keep computing alike."""
+    ranks = _distributed.gather_to_all((where, overflow))
+    modules = dict(_distributed.unwrap(model).named_modules())
+    for name in dict.fromkeys(o for _, o in ranks if o is not None):
+        if name in modules and promote(modules[name]) and name not in promoted:
+            promoted.append(name)
+    if len(ranks) == 1:
+        return where
+    real = [(r, w) for r, (w, _) in enumerate(ranks) if not w.startswith(("not reproduced", "unknown"))]
+    r, where = real[0] if real else (0, ranks[0][0])
+    return f"{where} (rank {r})"
 
 
 CSV_FIELDS = ["generation", "epoch", "iteration", "kind", "images", "first_nonfinite"]

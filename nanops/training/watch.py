@@ -42,6 +42,7 @@ class Finding:
     nan: int
     pos_inf: int
     neg_inf: int
+    rank: int | None = None  # under torch.distributed: the rank whose replay found it
 
     @classmethod
     def replay_failed(cls, err: BaseException) -> Finding:
@@ -49,13 +50,14 @@ class Finding:
         return cls(f"{type(err).__name__}: {err}", "replay failed", 0, 0, 0, 0)
 
     def __str__(self) -> str:
+        on = f" on rank {self.rank}" if self.rank is not None else ""
         if self.phase == "replay failed":
-            return f"step {self.step}: the replay of the skipped step raised {self.module}"
+            return f"step {self.step}{on}: the replay of the skipped step raised {self.module}"
         if self.phase == "loss":
-            return (f"step {self.step}: the loss went non-finite with every module output finite "
+            return (f"step {self.step}{on}: the loss went non-finite with every module output finite "
                     f"(NaN={self.nan}, +Inf={self.pos_inf}, -Inf={self.neg_inf})")
         where = self.module or "<root>"
-        return (f"step {self.step}: {self.phase} of {where} went non-finite "
+        return (f"step {self.step}{on}: {self.phase} of {where} went non-finite "
                 f"(NaN={self.nan}, +Inf={self.pos_inf}, -Inf={self.neg_inf})")
 
 

@@ -38,6 +38,7 @@ class MicroBatchWindow:
         self._count: torch.Tensor | None = None
         self._seen_bad: torch.Tensor | None = None
         self._index = 0
+        self._settled = True
 
     def check(self, loss: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """Flags this micro-batch when `loss` (and `items`, the logged loss parts) hold NaN/Inf.
@@ -48,13 +49,16 @@ class MicroBatchWindow:
             bad = bad | ~torch.isfinite(items.detach()).all()
         self._window_bad = bad.clone() if self._window_bad is None else self._window_bad.logical_or_(bad)
         self.last_bad = bad
+        self._settled = False
         return bad
 
     def settle(self) -> None:
         """After the checked micro-batch's backward: its BatchNorm statistics updates are undone if
-        it was flagged, kept (and the snapshot retaken) otherwise; on the device."""
-        if self.last_bad is not None:
+        it was flagged, kept (and the snapshot retaken) otherwise; on the device. Once per
+        micro-batch: further calls before the next check do nothing."""
+        if self.last_bad is not None and not self._settled:
             self._snapshot.settle(self.last_bad)
+            self._settled = True
 
     def counted_items(self, items: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
         """`items` for a running mean of the form mean = (mean * i + items) / (i + 1) (yolov5's

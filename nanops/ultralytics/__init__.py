@@ -19,20 +19,24 @@ Nothing of ultralytics is edited. When the trainer is set up, `protect`:
   * logs each skipped step (epoch, optimizer step, first non-finite module found by replaying
     the batch's forward), writes `<save_dir>/nanops_skipped_steps.csv`, sums them up at the end.
 Ultralytics' own NaN recovery (reloading last.pt at the end of an epoch) then has nothing to do.
+
+Multi-GPU (`device=[0, 1]`): ultralytics pickles the trainer's callbacks (with cloudpickle) for
+the workers it launches, so the Protection travels with them and each worker patches its own
+model and guards its own step. Every rank skips the same steps (DDP's grads are all-reduced);
+each replays its own batch, and rank 0 alone logs and writes the CSV, naming the rank whose
+batch went non-finite.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import patching
+from .. import _distributed, patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
 from ..training.divergence import DivergenceWatch, Diverged, likely_cause, message
-from ..training.locate import RngState, _cuda_devices, find_overflow, locate_forward, locate_step
-from ..training.promote import promote
-from ..training.watch import Finding
+from ..training.locate import RngState, _cuda_devices, locate_forward
 from ..training.scaler import GradScaler
-from ..training.skips import SkippedStep, SkipReport, describe
+from ..training.skips import SkippedStep, SkipReport, agree_on_where, describe, replay_where
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 
@@ -61,6 +65,8 @@ class Protection:
         self._rng: RngState | None = None
         self._rng_devices: list[int] | None = None  # found at a training's first batch
         self._hook = None
+        self._handled_skips = 0                 # skipped steps already reported (on every rank)
+        self._skipped_epochs: set[int] = set()  # epochs with a skipped step (on every rank)
 
     # --- ultralytics callbacks --------------------------------------------------------------
     def on_pretrain_routine_end(self, trainer) -> None:
@@ -75,6 +81,7 @@ class Protection:
         scaler.protect(model)
         self.report = SkipReport(self.report.logger)  # this training's skips (a YOLO object may train again)
         self.divergence = DivergenceWatch()
+        self._handled_skips, self._skipped_epochs = 0, set()
         trainer.scaler = self.scaler = scaler
         trainer.optimizer_step = lambda: self._optimizer_step(trainer)  # this trainer object only
         trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
@@ -89,17 +96,21 @@ class Protection:
         self._rng = RngState.capture(self._rng_devices)
 
     def on_train_batch_end(self, trainer) -> None:
-        if self.scaler.skipped_steps == len(self.report.steps):
-            return  # no step skipped since the last report
-        self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, self._where(trainer)),
-                        trainer.save_dir)
+        if self.scaler.skipped_steps == self._handled_skips:
+            return  # no step skipped since the last report (the same on every rank: DDP's grads agree)
+        self._handled_skips = self.scaler.skipped_steps
+        self._skipped_epochs.add(int(trainer.epoch))
+        where, overflow = self._where(trainer)
+        where = agree_on_where(_unwrap(trainer.model), where, overflow, self.promoted)
+        if _distributed.rank() == 0:
+            self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, where), trainer.save_dir)
 
-    def _where(self, trainer) -> str:
+    def _where(self, trainer) -> tuple[str, str | None]:
         """Replays the skipped step: forward and loss as the trainer ran them (the model computes
         its loss from the batch dict), then the backward at the step's loss scale."""
         model, batch = _unwrap(trainer.model), self._last_input
         if batch is None:
-            return "unknown"
+            return "unknown", None
         bf16 = getattr(trainer.args, "amp", None) == "bf16"
         amp = self.scaler.is_enabled() or bf16
         device = next(model.parameters()).device
@@ -108,39 +119,36 @@ class Protection:
             return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else None, enabled=amp)
 
         if not isinstance(batch, dict):  # compiled runs feed the images alone: forward only
-            return describe(locate_forward(model, batch, autocast=amp))
+            return describe(locate_forward(model, batch, autocast=amp)), None
 
         def loss():
             with autocast():
                 return model(batch)[0]
 
         scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
-        try:
-            finding = locate_step(model, loss, loss_scale=scale, rng_state=self._rng)
-        except Exception as err:  # the replay must never stop the training it reports on
-            return describe(Finding.replay_failed(err))
-        where = describe(finding)
-        if amp:
-            found = find_overflow(model, finding, loss, self._rng)
-            if found is not None and promote(found[1]):
-                self.promoted.append(found[0])
-                where += f" (a float16 overflow: {found[0]} runs in float32 from now on)"
-        return where
+        return replay_where(model, loss, loss_scale=scale, rng_state=self._rng, amp=amp)
 
     def on_train_epoch_end(self, trainer) -> None:
         amp = self.scaler is not None and self.scaler.is_enabled()
         finding = self.report.steps[-1].first_nonfinite if self.report.steps else None
-        for event in self.divergence.read():
+        events = self.divergence.read()
+        if _distributed.world_size() > 1:  # a stop taken by one rank alone would hang the others
+            events = list({(e.kind, e.step): e for rank_events in _distributed.gather_to_all(events)
+                           for e in rank_events}.values())
+        for event in events:
             text = message(event, likely_cause(event, amp, None, finding), f"(epoch {int(trainer.epoch)})", finding)
             self.divergences.append(text)
             if self.on_divergence == "stop":
-                self.report.logger.error(text)
+                if _distributed.rank() == 0:
+                    self.report.logger.error(text)
                 raise Diverged(text)
-            self.report.logger.warning(text)
+            if _distributed.rank() == 0:
+                self.report.logger.warning(text)
 
     def on_train_end(self, trainer) -> None:
         note = f"Run in float32 after a float16 overflow: {', '.join(self.promoted)}." if self.promoted else ""
-        self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0, note=note)
+        if _distributed.rank() == 0:
+            self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0, note=note)
         self._release()
 
     def teardown(self, trainer) -> None:
@@ -165,10 +173,12 @@ class Protection:
         """Ultralytics reloads last.pt when the epoch's last loss is NaN: not needed when that NaN
         came from a batch whose step nanops skipped and the model and its EMA are finite."""
         def handle(epoch):
-            skipped_now = any(s.epoch == epoch for s in self.report.steps)
             states = [_unwrap(trainer.model).state_dict(), trainer.ema.ema.state_dict() if trainer.ema else {}]
             tensors = [t for state in states for t in state.values() if t.is_floating_point()]
-            if skipped_now and bool(all_finite(tensors)):
+            explained = epoch in self._skipped_epochs and bool(all_finite(tensors))
+            # Under DDP ultralytics broadcasts rank 0's decision inside `original`: every rank
+            # must call it, or none.
+            if all(_distributed.gather_to_all(explained)):
                 return False
             return original(epoch)
         return handle

@@ -49,12 +49,3 @@ def _hyp_number(hyp: dict, name: str, default: float | None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise HypError(f"the hyp file's {name} must be a number, got {value!r}")
     return float(value)
-
-
-
-
-def _hyp_number(hyp: dict, name: str, default: float | None) -> float:
-    value = hyp.get(name, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise HypError(f"the hyp file's {name} must be a number, got {value!r}")
-    return float(value)

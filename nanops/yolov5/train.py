@@ -14,6 +14,12 @@ Each skipped step is logged (epoch, iteration, and the first non-finite module, 
 the batch's forward, loss and backward from the step's RNG state and loss scale with every module
 checked; healthy steps run no hooks), written to `<save_dir>/nanops_skipped_steps.csv` and
 summed up at the end.
+
+Under `torch.distributed.run` (yolov5's multi-GPU DDP) every rank is protected: each rank checks
+its own micro-batches and restores its own BatchNorm statistics, the ranks agree on each skip
+with one small all_reduce of the window's flag, and after a skipped step each rank replays its
+own window's batches (locally, no collective); rank 0, the only rank yolov5 logs from, reports
+the skip with the finding and the rank it came from, and writes the one CSV.
 """
 from __future__ import annotations
 
@@ -28,17 +34,14 @@ from pathlib import Path
 
 import torch
 
-from .. import patching
+from .. import _distributed, patching
 from ..clip import clip_grad_norm_
 from ..training import inject
-from ..training.locate import RngState, _cuda_devices
-from ..training.scaler import GradScaler
-from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, first_nonfinite
 from ..training.divergence import POLICIES, DivergenceWatch, Diverged, RollbackState, likely_cause, message
-from ..training.locate import find_overflow, locate_step
+from ..training.locate import RngState, _cuda_devices
 from ..training.promote import promote
-from ..training.skips import describe
-from ..training.watch import Finding
+from ..training.scaler import GradScaler
+from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, agree_on_where, describe, replay_where
 from ..training.window import MicroBatchWindow
 from .hyp import HypError, hyp_warnings
 from .env import checkpoint_loading, prepare_environment, quiet_yolov5_import
@@ -92,11 +95,20 @@ class Protection:
         self._window_reported = False
         self._rng: RngState | None = None
         self._rng_devices: list[int] | None = None  # found at the first batch, on the training device
+        # Under DDP: this rank's micro-batches of the open window (images, targets, flag), to replay
+        # after a skip, and the finding the ranks agreed on for rank 0's report.
+        self._last_imgs: torch.Tensor | None = None
+        self._window_inputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._ddp_finding: str | None = None
 
     # --- what train.py calls --------------------------------------------------------------
     def _train(self, original):
         """train(hyp, opt, device, callbacks): once per run, once per --evolve generation."""
         def train(hyp, opt, device, callbacks):
+            if self.on_divergence == "rollback" and _distributed.world_size() > 1:
+                # Each rank would restore its own copy, and DDP never re-syncs parameters.
+                raise ValueError("nanops train: --nanops-on-divergence rollback is for single-process runs; "
+                                 "under torch.distributed use stop (or warn)")
             self.opt = opt
             self.generation += 1
             self.epoch = -1
@@ -136,6 +148,13 @@ class Protection:
             return model
         return patched_build
 
+    def _remember_imgs(self, module, args) -> None:
+        # The training forward's images (a reference, no copy), for a replay under DDP. A global
+        # hook, so that nothing of nanops is attached to the model yolov5 pickles into checkpoints.
+        if module is self.model and module.training and torch.is_grad_enabled() and args and isinstance(
+                args[0], torch.Tensor):
+            self._last_imgs = args[0]
+
     def _scaler_factory(self, *args, **kwargs) -> GradScaler:
         # BatchNorm statistics are kept per micro-batch by the window (a skipped accumulated step
         # must not undo the healthy micro-batches of its window), not by scaler.protect.
@@ -153,6 +172,8 @@ class Protection:
                     self._last_loss = loss.detach()
                     bad = self.window.check(loss, items)
                     items = self.window.counted_items(items, bad)
+                    if _distributed.world_size() > 1 and self._last_imgs is not None:
+                        self._window_inputs.append((self._last_imgs, targets, bad))
                 return loss, items
 
             return checked
@@ -172,11 +193,36 @@ class Protection:
         def unscale_(scaler, optimizer):
             if scaler is self.scaler:
                 self.optimizer = optimizer
+                if self.window is not None:
+                    self.window.settle()  # the window's last backward is done (yolov5 settles on rank 0 only)
             flag = self.window.close() if self.window is not None and scaler is self.scaler else None
             if flag is not None:
                 scaler.skip_if(flag)
             return original(scaler, optimizer)
         return unscale_
+
+    def _scaler_step(self, original):
+        """GradScaler.step, run by every rank: under DDP a skipped step is replayed on each rank from
+        its own window's batches, and the ranks' findings gathered for rank 0's report."""
+        def step(scaler, optimizer, *args, **kwargs):
+            result = original(scaler, optimizer, *args, **kwargs)
+            if scaler is self.scaler and _distributed.world_size() > 1:
+                if scaler.last_step_skipped:  # the same on every rank: found_inf was agreed
+                    self._ddp_finding = self._replay_on_every_rank()
+                self._window_inputs = []
+            return result
+        return step
+
+    def _replay_on_every_rank(self) -> str:
+        scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
+        where, overflow = describe(None), None
+        # This rank's flagged micro-batches first; the grads were all-reduced, so a rank whose
+        # batches all looked finite may still hold the one that overflowed in the backward.
+        for imgs, targets, _ in sorted(self._window_inputs, key=lambda item: not bool(item[2])):
+            where, overflow = self._replay(self.model, imgs, targets, scale)
+            if not where.startswith("not reproduced"):
+                break
+        return agree_on_where(self.model, where, overflow, self.promoted)
 
     def _clip(self, original):
         """nanops' clip_grad_norm_, its total norm kept (on the device) for the divergence watch."""
@@ -203,6 +249,7 @@ class Protection:
     # --- yolov5 callbacks -----------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch += 1
+        self._window_inputs = []  # zero_grad cuts the window
         self._window_reported = False
         if self.window is not None:
             self.window.close()  # zero_grad drops the cut window's grads; its BN updates are settled
@@ -215,6 +262,7 @@ class Protection:
             return
         if self.window is None:  # before the first forward: its snapshot is the state before training
             self.window = MicroBatchWindow(self.model)
+        self.window.settle()  # the previous micro-batch's, on ranks where on_train_batch_end does not run
         if self._rng_devices is None:
             self._rng_devices = _cuda_devices(self.model)
         self._rng = RngState.capture(self._rng_devices)
@@ -238,13 +286,18 @@ class Protection:
         if stepped:
             self._window_reported = False
         if batch_bad:
-            self.report.add(SkippedStep(self.epoch, int(ni), self._replay(model, imgs, targets, None),
+            self.report.add(SkippedStep(self.epoch, int(ni), self._replay_here(model, imgs, targets, None),
                                         _suspect_images(imgs, paths), self.generation, "batch"), self.opt.save_dir)
             self._window_reported = not stepped
         elif stepped and new_skip and not explained:
-            scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
-            self.report.add(SkippedStep(self.epoch, int(ni), self._replay(model, imgs, targets, scale), list(paths),
-                                        self.generation, "step"), self.opt.save_dir)
+            if self._ddp_finding is not None:  # every rank replayed its batches at the step
+                where, self._ddp_finding = self._ddp_finding, None
+                paths = []  # rank 0 holds only its own batch's paths
+            else:
+                scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
+                where = self._replay_here(model, imgs, targets, scale)
+            self.report.add(SkippedStep(self.epoch, int(ni), where, list(paths), self.generation, "step"),
+                            self.opt.save_dir)
 
     def _record_step(self, ni: int) -> None:
         """The step just taken (or skipped), into the divergence watch: device tensors only."""
@@ -260,10 +313,20 @@ class Protection:
     def _state_objects(self) -> dict:
         return {"model": self.model, "ema": self.ema.ema if self.ema is not None else None, "optimizer": self.optimizer}
 
-    def _replay(self, model, imgs, targets, loss_scale) -> str:
+    def _replay_here(self, model, imgs, targets, loss_scale) -> str:
+        """_replay on rank 0 alone (yolov5's rank-0-only callback), its overflowing module promoted."""
+        where, overflow = self._replay(model, imgs, targets, loss_scale)
+        if overflow is not None:
+            modules = dict(_distributed.unwrap(model).named_modules())
+            if promote(modules[overflow]) and overflow not in self.promoted:
+                self.promoted.append(overflow)
+        return where
+
+    def _replay(self, model, imgs, targets, loss_scale) -> tuple[str, str | None]:
         """The first non-finite module of this micro-batch: train.py's forward, loss and backward
-        again, from the batch's RNG state. Under AMP, a module whose forward overflowed from
-        finite inputs runs in float32 from then on (said in the report)."""
+        again, from the batch's RNG state, on this rank's module alone (no collective). Under AMP,
+        also the module whose forward overflowed from finite inputs (to be run in float32 from
+        then on, said in the report), else None."""
         model = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
         amp = self.scaler.is_enabled()
         device = imgs.device
@@ -273,17 +336,7 @@ class Protection:
             with torch.autocast(device.type, enabled=amp):
                 return compute_loss(model(imgs), targets.to(device))[0]
 
-        try:
-            finding = locate_step(model, loss, loss_scale=loss_scale, rng_state=self._rng)
-        except Exception as err:  # the replay must never stop the training it reports on
-            return describe(Finding.replay_failed(err))
-        where = describe(finding)
-        if amp:
-            found = find_overflow(model, finding, loss, self._rng)
-            if found is not None and promote(found[1]):
-                self.promoted.append(found[0])
-                where += f" (a float16 overflow: {found[0]} runs in float32 from now on)"
-        return where
+        return replay_where(model, loss, loss_scale=loss_scale, rng_state=self._rng, amp=amp)
 
     def on_train_epoch_end(self, epoch) -> None:
         self._handle(self.divergence.read())
@@ -343,19 +396,32 @@ class Protection:
         import yolov5.train as yolov5_train
         from yolov5.utils.torch_utils import ModelEMA
 
-        with checkpoint_loading(), _swapped(
+        hook = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # torch.distributed.run's: remember each rank's images
+            hook = torch.nn.modules.module.register_module_forward_pre_hook(self._remember_imgs)
+        with _removed_after(hook), checkpoint_loading(), _swapped(
             (yolov5_train, "train", self._train(yolov5_train.train)),
             (yolov5_train, "Callbacks", self.callbacks),  # --evolve makes new Callbacks() per generation
             (yolov5_train, "Model", self._patched(yolov5_train.Model, trained=True)),
             (yolov5_train, "attempt_load", self._patched(yolov5_train.attempt_load)),
             (torch.cuda.amp, "GradScaler", self._scaler_factory),
             (GradScaler, "unscale_", self._scaler_unscale(GradScaler.unscale_)),
+            (GradScaler, "step", self._scaler_step(GradScaler.step)),
             (torch.nn.utils, "clip_grad_norm_", self._clip(clip_grad_norm_)),
             (ModelEMA, "update", self._ema_update(ModelEMA.update)),
             (yolov5_train, "ComputeLoss", self._loss_factory(yolov5_train.ComputeLoss)),
             (torch, "save", self._save(torch.save)),
         ):
             yield
+
+
+@contextlib.contextmanager
+def _removed_after(handle) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
 
 
 def _suspect_images(imgs: torch.Tensor, paths) -> list[str]:
