@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/elem.cuh"
@@ -128,65 +129,58 @@ inline int64_t multi_tensor_launch_count(const std::vector<DeviceView>& views) {
 // Visits the n elements of a chunk, each thread a strided share: 16-byte loads when the chunk is
 // aligned for them (chunks start at multiples of kChunkSize, so only the tensor's base address
 // decides), kUnroll of them issued before any is used; then a scalar tail. At four 512-thread
-// blocks per SM, two loads per thread in flight already cover the memory latency.
-template <int kUnroll = 4, typename T, typename Fn>
-__device__ __forceinline__ void for_each_element(const T* data, int64_t n, Fn&& fn) {
-  constexpr int kVec = 16 / sizeof(T);
+// blocks per SM, two loads per thread in flight already cover the memory latency. kWrite: each
+// element is replaced by fn's result (data[i] = fn(data[i])); else fn only reads it.
+template <bool kWrite, int kUnroll, typename T, typename Fn>
+__device__ __forceinline__ void visit_elements(T* data, int64_t n, Fn&& fn) {
+  using Value = std::remove_const_t<T>;
+  constexpr int kVec = 16 / sizeof(Value);
+  const auto apply = [&](Pack<Value, kVec>& pack, T* at) {
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) {
+      if constexpr (kWrite) {
+        pack.v[j] = fn(pack.v[j]);
+      } else {
+        fn(pack.v[j]);
+      }
+    }
+    if constexpr (kWrite) store_pack<Value, kVec>(at, pack);
+  };
   int64_t tail_begin = 0;
   if (reinterpret_cast<uintptr_t>(data) % 16 == 0) {
     const int64_t num_packs = n / kVec;
     const int64_t stride = blockDim.x;
     int64_t i = threadIdx.x;
     for (; i + (kUnroll - 1) * stride < num_packs; i += kUnroll * stride) {
-      Pack<T, kVec> packs[kUnroll];
+      Pack<Value, kVec> packs[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) packs[u] = load_pack<T, kVec>(data + (i + u * stride) * kVec);
+      for (int u = 0; u < kUnroll; ++u) packs[u] = load_pack<Value, kVec>(data + (i + u * stride) * kVec);
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) fn(packs[u].v[j]);
-      }
+      for (int u = 0; u < kUnroll; ++u) apply(packs[u], data + (i + u * stride) * kVec);
     }
     for (; i < num_packs; i += stride) {
-      const Pack<T, kVec> pack = load_pack<T, kVec>(data + i * kVec);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) fn(pack.v[j]);
+      Pack<Value, kVec> pack = load_pack<Value, kVec>(data + i * kVec);
+      apply(pack, data + i * kVec);
     }
     tail_begin = num_packs * kVec;
   }
-  for (int64_t i = tail_begin + threadIdx.x; i < n; i += blockDim.x) fn(data[i]);
+  for (int64_t i = tail_begin + threadIdx.x; i < n; i += blockDim.x) {
+    if constexpr (kWrite) {
+      data[i] = fn(data[i]);
+    } else {
+      fn(data[i]);
+    }
+  }
 }
 
-// Same traversal, writing back: data[i] = fn(data[i]).
+template <int kUnroll = 4, typename T, typename Fn>
+__device__ __forceinline__ void for_each_element(const T* data, int64_t n, Fn&& fn) {
+  visit_elements<false, kUnroll>(data, n, fn);
+}
+
 template <typename T, typename Fn>
 __device__ __forceinline__ void transform_elements(T* data, int64_t n, Fn&& fn) {
-  constexpr int kVec = 16 / sizeof(T);
-  constexpr int kUnroll = 4;
-  int64_t tail_begin = 0;
-  if (reinterpret_cast<uintptr_t>(data) % 16 == 0) {
-    const int64_t num_packs = n / kVec;
-    const int64_t stride = blockDim.x;
-    int64_t i = threadIdx.x;
-    for (; i + (kUnroll - 1) * stride < num_packs; i += kUnroll * stride) {
-      Pack<T, kVec> packs[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) packs[u] = load_pack<T, kVec>(data + (i + u * stride) * kVec);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int j = 0; j < kVec; ++j) packs[u].v[j] = fn(packs[u].v[j]);
-        store_pack<T, kVec>(data + (i + u * stride) * kVec, packs[u]);
-      }
-    }
-    for (; i < num_packs; i += stride) {
-      Pack<T, kVec> pack = load_pack<T, kVec>(data + i * kVec);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) pack.v[j] = fn(pack.v[j]);
-      store_pack<T, kVec>(data + i * kVec, pack);
-    }
-    tail_begin = num_packs * kVec;
-  }
-  for (int64_t i = tail_begin + threadIdx.x; i < n; i += blockDim.x) data[i] = fn(data[i]);
+  visit_elements<true, 4>(data, n, fn);
 }
 
 }  // namespace nanops::cuda
