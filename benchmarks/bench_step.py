@@ -78,8 +78,10 @@ def main(argv=None) -> list[dict]:
         with torch.autocast(device.type, enabled=amp):
             return compute_loss(model(images), targets)[0]
 
-    def plain_step():
-        plain_scaler.scale(forward_loss(plain_model, plain_loss)).backward()
+    def plain_step(micro: int = 1):
+        for _ in range(micro):  # micro > 1: gradient accumulation, micro-batches per optimizer step
+            loss = forward_loss(plain_model, plain_loss)
+            plain_scaler.scale(loss / micro if micro > 1 else loss).backward()
         plain_scaler.unscale_(plain_opt)
         torch.nn.utils.clip_grad_norm_(plain_model.parameters(), max_norm=10.0)
         plain_scaler.step(plain_opt)
@@ -95,16 +97,6 @@ def main(argv=None) -> list[dict]:
             ours_ema.update(ours_model)
 
     micro = 2  # gradient accumulation: two micro-batches per optimizer step
-
-    def plain_accumulated_step():
-        for _ in range(micro):
-            plain_scaler.scale(forward_loss(plain_model, plain_loss) / micro).backward()
-        plain_scaler.unscale_(plain_opt)
-        torch.nn.utils.clip_grad_norm_(plain_model.parameters(), max_norm=10.0)
-        plain_scaler.step(plain_opt)
-        plain_scaler.update()
-        plain_opt.zero_grad()
-        plain_ema.update(plain_model)
 
     def protected_accumulated_step():
         guard.begin()
@@ -132,7 +124,7 @@ def main(argv=None) -> list[dict]:
     # does not slow the other variants down.
     main_times = measure_interleaved({"plain": plain_step, "protected": protected_step, "anomaly": anomaly_step},
                                      device, min_rounds=15, min_seconds=30.0)
-    accumulation_times = measure_interleaved({"plain": plain_accumulated_step,
+    accumulation_times = measure_interleaved({"plain": lambda: plain_step(micro),
                                               "protected": protected_accumulated_step}, device)
     watcher = nanops.watch(ours_model)
     watch_times = measure_interleaved({"plain": plain_step, "watched": watched_step}, device)

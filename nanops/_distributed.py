@@ -75,17 +75,16 @@ def _mesh_group(mesh, what: str):
 def local_shards(tensors: list[torch.Tensor], what: str) -> LocalShards:
     """The local shards of a list of DTensors on one device mesh (Shard or Replicate placements).
     Plain tensors mixed in, several meshes and Partial placements raise ValueError naming `what`."""
-    mesh = None
+    mesh = coordinate = None
     local, counted, counted_index = [], [], []
     for i, t in enumerate(tensors):
         if not is_sharded(t):
             raise ValueError(f"{what}: tensors[{i}] is a plain tensor among DTensors; pass the tensors of one "
                              "sharded model (all DTensors on one device mesh) or plain tensors only")
         if mesh is None:
-            mesh = t.device_mesh
+            mesh, coordinate = t.device_mesh, t.device_mesh.get_coordinate()
         elif t.device_mesh != mesh:
             raise ValueError(f"{what}: tensors[{i}] lives on another device mesh than tensors[0]")
-        coordinate = mesh.get_coordinate()
         counts = True
         for dim, placement in enumerate(t.placements):
             if isinstance(placement, Replicate):

@@ -291,34 +291,30 @@ def _clip_sharded(grads, p, max_norm, error_if_nonfinite, inv_scale, found_inf, 
     scales its shards by the same coefficient; a NaN in any rank's shard sets every rank's
     found_inf."""
     shards = _distributed.local_shards(grads, "clip_grad_norm_")
-    group = process_group if process_group is not None else shards.group
-    if p == 0:
-        total_norm, coef = _zero_norm_sharded(shards, grads, max_norm, inv_scale, found_inf, group)
-        _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
-    else:
-        # A rank that counts no shard (a replica) still takes part in the gather, with nothing.
-        counted = shards.counted or [shards.local[0].new_zeros(0)]
-        _, total_norm, coef = _total_norm_and_coef(counted, p, max_norm, error_if_nonfinite, inv_scale=inv_scale,
-                                                   found_inf=found_inf, process_group=group)
+    total_norm, coef = _sharded_norm_and_coef(shards, len(grads), p, max_norm, error_if_nonfinite, inv_scale,
+                                              found_inf, process_group if process_group is not None else shards.group)
     for dev, gs in _group_grads(shards.local)[0].items():
         torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
     return total_norm
 
 
-def _sharded_total_norm(tensors, p, error_if_nonfinite):
-    shards = _distributed.local_shards(tensors, "get_total_norm")
+def _sharded_norm_and_coef(shards, count, p, max_norm, error_if_nonfinite, inv_scale, found_inf, group):
+    """The whole (sharded) tensors' norm and clip coefficient, the same on every rank of `group`."""
     if p == 0:
-        total_norm, _ = _zero_norm_sharded(shards, tensors, math.inf, None, None, shards.group)
+        total_norm, coef = _zero_norm_sharded(shards, count, max_norm, inv_scale, found_inf, group)
         _raise_if_nonfinite(total_norm, p, error_if_nonfinite)
-        return total_norm
+        return total_norm, coef
+    # A rank that counts no shard (a replica) still takes part in the gather, with nothing.
     counted = shards.counted or [shards.local[0].new_zeros(0)]
-    return _total_norm_and_coef(counted, p, math.inf, error_if_nonfinite, process_group=shards.group)[1]
+    _, total_norm, coef = _total_norm_and_coef(counted, p, max_norm, error_if_nonfinite, inv_scale=inv_scale,
+                                               found_inf=found_inf, process_group=group)
+    return total_norm, coef
 
 
-def _zero_norm_sharded(shards, grads, max_norm, inv_scale, found_inf, group):
-    """norm_type=0 over DTensors: a tensor counts when any of its shards holds a non-zero."""
+def _zero_norm_sharded(shards, count, max_norm, inv_scale, found_inf, group):
+    """norm_type=0 over `count` DTensors: a tensor counts when any of its shards holds a non-zero."""
     home = shards.local[0].device
-    per_tensor = torch.zeros(len(grads), dtype=torch.float64, device=home)
+    per_tensor = torch.zeros(count, dtype=torch.float64, device=home)
     for i, shard in zip(shards.counted_index, shards.counted):
         per_tensor[i] = torch.count_nonzero(shard)  # NaN counts as non-zero, as torch counts it
     nonfinite = (~all_finite(shards.local)).to(device=home, dtype=torch.float64).reshape(1)
@@ -400,7 +396,9 @@ def get_total_norm(
                              "torch.nn.utils.get_total_norm")
     p = _check_norm_type(norm_type)
     if _distributed.any_sharded(tensor_list):
-        return _sharded_total_norm(tensor_list, p, error_if_nonfinite)
+        shards = _distributed.local_shards(tensor_list, "get_total_norm")
+        return _sharded_norm_and_coef(shards, len(tensor_list), p, math.inf, error_if_nonfinite, None, None,
+                                      shards.group)[0]
     fused = _fused(tensor_list, math.inf, p, None, None, scale=False) if p != 0 else None
     if fused is not None:
         _raise_if_nonfinite(fused[0], p, error_if_nonfinite)

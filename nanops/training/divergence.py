@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import _distributed
+
 POLICIES = ("warn", "stop", "rollback")
 
 
@@ -46,6 +48,20 @@ class DivergenceEvent:
 
 _FIELDS = ("steps", "consecutive", "run_start", "min_scale", "best_loss", "last_loss", "best_norm", "last_norm",
            "healthy", "skips")
+
+
+def events_of_every_rank(events: list[DivergenceEvent]) -> list[DivergenceEvent]:
+    """Under torch.distributed, every rank's events (each kind and step once, the first rank's
+    copy) on every rank: a loss is per rank, and a stop or a rollback taken by one replica alone
+    would hang or split the others. A collective: every rank calls it at the same read. One
+    process: `events` itself."""
+    if _distributed.world_size() == 1:
+        return events
+    merged: dict[tuple[str, int], DivergenceEvent] = {}
+    for rank_events in _distributed.gather_to_all(events):
+        for event in rank_events:
+            merged.setdefault((event.kind, event.step), event)
+    return list(merged.values())
 
 
 class DivergenceWatch:

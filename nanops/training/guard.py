@@ -32,9 +32,9 @@ import torch
 from .. import _distributed
 from ..clip import clip_coef_for_fused_step, clip_grad_norm_
 from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, RollbackState,
-                         likely_cause, message)
+                         events_of_every_rank, likely_cause, message)
 from .locate import RngState, _cuda_devices, find_overflow, locate_step
-from .promote import promote
+from .promote import promote_named
 from .snapshot import NormBufferSnapshot
 from .watch import Finding
 from .window import MicroBatchWindow
@@ -129,7 +129,8 @@ def _step(
     model: torch.nn.Module | None = None,
     rng_state: RngState | None = None,
     window_flag: torch.Tensor | None = None,
-    agree_group=False,
+    agree: bool = False,
+    group=None,
 ) -> StepResult:
     amp = _check_arguments(optimizer, scaler)
     params = parameters if parameters is not None else _optimizer_params(optimizer)
@@ -143,8 +144,8 @@ def _step(
         # the step, so the grads are read once by the norm and never rewritten by the clip.
         total_norm, divisor = clip_coef_for_fused_step(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
         _fold(found_inf, window_flag)
-        if agree_group is not False:
-            _distributed.agree(found_inf, agree_group)
+        if agree:
+            _distributed.agree(found_inf, group)
         optimizer.grad_scale, optimizer.found_inf = divisor, found_inf.view(())  # 0-dim, as GradScaler passes
         try:
             optimizer.step()
@@ -153,8 +154,8 @@ def _step(
     else:
         total_norm = clip_grad_norm_(params, max_norm, inv_scale=inv_scale, found_inf=found_inf)
         _fold(found_inf, window_flag)
-        if agree_group is not False:
-            _distributed.agree(found_inf, agree_group)
+        if agree:
+            _distributed.agree(found_inf, group)
         skipped = bool(found_inf.item())  # the one host sync of the step
         if not skipped:
             optimizer.step()
@@ -310,7 +311,7 @@ class Guard:
         window_flag = self._window.close() if self._window is not None else None
         result = _step(self.optimizer, self.scaler, self.max_norm, self._params, snapshot=self._snapshot,
                        locate=locate, model=self.model, rng_state=self._rng, window_flag=window_flag,
-                       agree_group=self._agree_group(window_flag))
+                       agree=self._must_agree(window_flag), group=self.process_group)
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
         if locate is not None and result.skipped:
             overflow = self._overflow(result.finding, locate)
@@ -326,15 +327,14 @@ class Guard:
         self.begin()
         return result
 
-    def _agree_group(self, window_flag: torch.Tensor | None):
-        """The group whose ranks must agree on found_inf with an all_reduce, or False where they
-        agree already (one process; DDP-synced or DTensor grads and no rank-local window flag).
-        Every rank reaches the same answer: windows are opened by the same calls on every rank."""
+    def _must_agree(self, window_flag: torch.Tensor | None) -> bool:
+        """Whether the ranks must all-reduce found_inf (over process_group, default the world): not
+        where they agree already (one process; DDP-synced or DTensor grads and no rank-local
+        window flag). Every rank reaches the same answer: windows are opened by the same calls
+        on every rank."""
         if _distributed.world_size() == 1:
             return False
-        if self.process_group is not None:
-            return self.process_group
-        return None if window_flag is not None else False
+        return self.process_group is not None or window_flag is not None
 
     def _overflow(self, finding: Finding | None, locate: LossFn) -> str | None:
         """The module whose float16 forward overflowed in this rank's replay (its name), if any."""
@@ -356,28 +356,17 @@ class Guard:
                     f.rank = r
             found = [f for f, _ in ranks if f is not None]
             finding = next((f for f in found if f.phase != "replay failed"), found[0] if found else None)
-            overflows = list(dict.fromkeys(name for _, name in ranks if name is not None))
+            overflows = [name for _, name in ranks if name is not None]
         else:
             overflows = [overflow] if overflow is not None else []
-        modules = dict(_distributed.unwrap(self.model).named_modules())
-        for name in overflows:
-            if name in modules and promote(modules[name]):
-                self.promoted.append(name)
-                warnings.warn(f"nanops: float16 overflow in the forward of {name} (its inputs were finite): it "
-                              "runs in float32 from now on, the rest of the model in float16", stacklevel=4)
+        for name in promote_named(_distributed.unwrap(self.model), overflows):
+            self.promoted.append(name)
+            warnings.warn(f"nanops: float16 overflow in the forward of {name} (its inputs were finite): it "
+                          "runs in float32 from now on, the rest of the model in float16", stacklevel=4)
         return finding
 
     def _handle(self, events: list[DivergenceEvent], amp: bool) -> None:
-        if _distributed.world_size() > 1:
-            # Every rank acts on every rank's events (a loss is per rank): a stop or a rollback
-            # taken by one replica alone would hang or split the others.
-            seen, merged = set(), []
-            for rank_events in _distributed.gather_to_all(events):
-                for event in rank_events:
-                    if (event.kind, event.step) not in seen:
-                        seen.add((event.kind, event.step))
-                        merged.append(event)
-            events = merged
+        events = events_of_every_rank(events)
         last_finding = next((f for _, f in reversed(self.findings) if f is not None), None)
         for event in events:
             where = str(last_finding) if last_finding is not None else None

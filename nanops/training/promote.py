@@ -63,6 +63,13 @@ def promote(module: nn.Module) -> bool:
     return True
 
 
+def promote_named(model: nn.Module, names) -> list[str]:
+    """Promotes the modules of `model` with these qualified names (unknown names are passed over);
+    returns the names promoted now, in order, those promoted already left out."""
+    modules = dict(model.named_modules())
+    return [name for name in dict.fromkeys(names) if name in modules and promote(modules[name])]
+
+
 def is_promoted(module: nn.Module) -> bool:
     return module in _promoted
 

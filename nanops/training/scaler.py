@@ -103,7 +103,7 @@ class GradScaler(torch.amp.GradScaler):
         happened): the flags are all-reduced so that every rank skips together."""
         self._skip_flags.append(flag.detach())
 
-    def _fold_skip_flags(self, state: dict) -> None:
+    def _fold_and_agree(self, state: dict) -> None:
         folded = bool(self._skip_flags)
         for device, found in state["found_inf_per_device"].items():
             for flag in self._skip_flags:
@@ -131,14 +131,14 @@ class GradScaler(torch.amp.GradScaler):
         state = self._per_optimizer_states[id(optimizer)]
         if self.is_enabled():
             super().unscale_(optimizer)
-            self._fold_skip_flags(state)
+            self._fold_and_agree(state)
             return
         if state["stage"] is OptState.UNSCALED:
             return
         state["found_inf_per_device"] = {
             device: nonfinite_flag(grads) for device, grads in _optimizer_grads(optimizer).items()
         }
-        self._fold_skip_flags(state)
+        self._fold_and_agree(state)
         state["stage"] = OptState.UNSCALED
 
     def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):

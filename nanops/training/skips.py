@@ -14,7 +14,7 @@ import torch
 
 from .. import _distributed
 from .locate import RngState, find_overflow, locate_step
-from .promote import promote
+from .promote import promote_named
 from .watch import Finding
 
 SKIPPED_CSV = "nanops_skipped_steps.csv"
@@ -44,21 +44,6 @@ def describe(finding: Finding | None) -> str:
     if finding.phase == "replay failed":
         return f"unknown: the replay raised {finding.module}"
     return f"{finding.phase} of {finding.module or '<root>'}"
-
-
-def first_nonfinite(
-    model: torch.nn.Module,
-    loss_fn: Callable[[], torch.Tensor],
-    *,
-    loss_scale: torch.Tensor | float | None = None,
-    rng_state: RngState | None = None,
-) -> str:
-    """Where a skipped step went non-finite, found by replaying its forward, loss and backward (a
-    replay that raises is reported, never allowed to stop the training it reports on)."""
-    try:
-        return describe(locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state))
-    except Exception as err:
-        return describe(Finding.replay_failed(err))
 
 
 def replay_where(
@@ -91,10 +76,7 @@ def agree_on_where(model: torch.nn.Module, where: str, overflow: str | None, pro
     names a module, with its rank, and a module that overflowed on any rank promoted on all, so
     the replicas keep computing alike."""
     ranks = _distributed.gather_to_all((where, overflow))
-    modules = dict(_distributed.unwrap(model).named_modules())
-    for name in dict.fromkeys(o for _, o in ranks if o is not None):
-        if name in modules and promote(modules[name]) and name not in promoted:
-            promoted.append(name)
+    promoted += promote_named(_distributed.unwrap(model), (o for _, o in ranks if o is not None))
     if len(ranks) == 1:
         return where
     real = [(r, w) for r, (w, _) in enumerate(ranks) if not w.startswith(("not reproduced", "unknown"))]

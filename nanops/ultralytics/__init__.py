@@ -33,7 +33,7 @@ import torch
 from .. import _distributed, patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
-from ..training.divergence import DivergenceWatch, Diverged, likely_cause, message
+from ..training.divergence import DivergenceWatch, Diverged, events_of_every_rank, likely_cause, message
 from ..training.locate import RngState, _cuda_devices, locate_forward
 from ..training.scaler import GradScaler
 from ..training.skips import SkippedStep, SkipReport, agree_on_where, describe, replay_where
@@ -131,11 +131,7 @@ class Protection:
     def on_train_epoch_end(self, trainer) -> None:
         amp = self.scaler is not None and self.scaler.is_enabled()
         finding = self.report.steps[-1].first_nonfinite if self.report.steps else None
-        events = self.divergence.read()
-        if _distributed.world_size() > 1:  # a stop taken by one rank alone would hang the others
-            events = list({(e.kind, e.step): e for rank_events in _distributed.gather_to_all(events)
-                           for e in rank_events}.values())
-        for event in events:
+        for event in events_of_every_rank(self.divergence.read()):
             text = message(event, likely_cause(event, amp, None, finding), f"(epoch {int(trainer.epoch)})", finding)
             self.divergences.append(text)
             if self.on_divergence == "stop":

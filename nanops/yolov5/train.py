@@ -39,7 +39,7 @@ from ..clip import clip_grad_norm_
 from ..training import inject
 from ..training.divergence import POLICIES, DivergenceWatch, Diverged, RollbackState, likely_cause, message
 from ..training.locate import RngState, _cuda_devices
-from ..training.promote import promote
+from ..training.promote import promote_named
 from ..training.scaler import GradScaler
 from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, agree_on_where, describe, replay_where
 from ..training.window import MicroBatchWindow
@@ -317,9 +317,7 @@ class Protection:
         """_replay on rank 0 alone (yolov5's rank-0-only callback), its overflowing module promoted."""
         where, overflow = self._replay(model, imgs, targets, loss_scale)
         if overflow is not None:
-            modules = dict(_distributed.unwrap(model).named_modules())
-            if promote(modules[overflow]) and overflow not in self.promoted:
-                self.promoted.append(overflow)
+            self.promoted += promote_named(_distributed.unwrap(model), [overflow])
         return where
 
     def _replay(self, model, imgs, targets, loss_scale) -> tuple[str, str | None]:
