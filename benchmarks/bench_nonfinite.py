@@ -30,6 +30,17 @@ def nanops_check(tensors):
     return nanops.all_finite(tensors)
 
 
+def nanops_counts(tensors):
+    return nanops.nonfinite_counts(tensors)
+
+
+def read_ceiling_gbps(tensor: torch.Tensor, device: torch.device) -> float:
+    """The device's read bandwidth as torch's own amax reduction achieves it (reads every byte
+    once, writes one number): what '>= 90% of read bandwidth' is measured against."""
+    timing = measure(lambda t: torch.amax(t), [(tensor,)], device)
+    return tensor.numel() * tensor.element_size() / (timing.median_ms * 1e-3) / 1e9
+
+
 def cases(device):
     grads = yolov5_transformer_grads(device)
     big = torch.randn(64 * 1024 * 1024, device=device)  # 256 MB of float32
@@ -43,14 +54,21 @@ def main(argv=None) -> list[dict]:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         copies = rotation_count(nbytes) if nbytes < (256 << 20) else 1
         inputs = [([t.clone() for t in tensors],) for _ in range(copies)]
+        ceiling = read_ceiling_gbps(tensors[0], device) if len(tensors) == 1 else None
+        extra = {"read_ceiling_gbps": ceiling} if ceiling else {}
         ours = measure(nanops_check, inputs, device)
+        counts = measure(nanops_counts, inputs, device)
         loop = measure(per_tensor_loop, inputs, device)
-        rows.append(row(name, "per-tensor isfinite().all() loop", loop, ours, nbytes))
+        rows.append(row(name, "per-tensor isfinite().all() loop", loop, ours, nbytes, **extra))
+        rows.append(row(f"{name}, nonfinite_counts", "per-tensor isfinite().all() loop", loop, counts, nbytes,
+                        **extra))
         found_inf = torch.zeros(1, device=device)
         inv_scale = torch.ones(1, device=device)
         try:
             fused = measure(lambda ts: torch_fused_check(ts, found_inf, inv_scale), inputs, device)
-            rows.append(row(name, "torch._amp_foreach_non_finite_check", fused, ours, nbytes))
+            rows.append(row(name, "torch._amp_foreach_non_finite_check", fused, ours, nbytes, **extra))
+            rows.append(row(f"{name}, nonfinite_counts", "torch._amp_foreach_non_finite_check", fused, counts,
+                            nbytes, **extra))
         except (RuntimeError, NotImplementedError) as err:  # not every device has the fused internal
             print(f"  (torch fused internal unavailable on {device.type}: {err.__class__.__name__})")
     return report("nonfinite", f"nonfinite_counts on {device}", device, rows)

@@ -35,6 +35,8 @@ def device_slug(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("NANOPS_COMMIT"):  # a copy of the tree without .git (a GPU machine's) says it
+        return os.environ["NANOPS_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, check=True)

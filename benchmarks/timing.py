@@ -5,6 +5,7 @@ copies so that a small case is not flattered by a warm cache.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,11 @@ class Timing:
         out = asdict(self)
         out.pop("samples")
         return out
+
+
+# NANOPS_BENCH_TIME_SCALE=0.3 shortens every minimum measuring time (the run counts stay): a GPU
+# lease of minutes times with CUDA events, which need far fewer seconds than a CPU's wall clock.
+TIME_SCALE = float(os.environ.get("NANOPS_BENCH_TIME_SCALE", "1"))
 
 
 def paired_ratio(ours: Timing, base: Timing) -> float:
@@ -64,7 +70,7 @@ def measure(
     times: list[float] = []
     start_all = time.perf_counter()
     i = 0
-    while i < max_runs and (i < min_runs or time.perf_counter() - start_all < min_seconds):
+    while i < max_runs and (i < min_runs or time.perf_counter() - start_all < min_seconds * TIME_SCALE):
         args = inputs[i % len(inputs)]
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -101,7 +107,7 @@ def measure_interleaved(
     times: dict[str, list[float]] = {name: [] for name in fns}
     start_all = time.perf_counter()
     rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start_all < min_seconds):
+    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() - start_all < min_seconds * TIME_SCALE):
         for name, fn in fns.items():
             if cuda:
                 torch.cuda.synchronize(device)

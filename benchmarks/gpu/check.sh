@@ -4,12 +4,13 @@
 # kernels only, caching allocator off), `nanops bench` on CUDA, and the seed-failure training
 # (plain yolov5 train vs nanops train, AMP); one-screen summary at the end.
 #
-#   benchmarks/gpu/check.sh [part1|part2|all] [--cpu]
+#   benchmarks/gpu/check.sh [all|part1|part2] [--cpu]
 #
-# part1: build, CUDA tests, smoke, sanitizers (about 5 minutes on an H100 with 16 cores);
-# part2: benchmarks and the seed training (about 4 minutes). Each part builds first if needed
-# (ninja makes that a no-op on a warm machine), so the two can be separate device calls of
-# under 10 minutes each. Output: $OUT (default ./gpu-check-out): summary.txt and the files the
+# all (one device call of under 10 minutes): build; then, side by side on the GPU since none of
+# them is timed, the CUDA tests, the smoke script, the four sanitizers and the seed training;
+# then the benchmarks alone (timing, with NANOPS_BENCH_TIME_SCALE shortening the measuring
+# windows). part1 (build, tests, smoke, sanitizers) and part2 (bench, seed) run the same steps
+# one after another, for a second call on a warm machine. Output: $OUT (default ./gpu-check-out): summary.txt and the files the
 # summary names, at most 8, no deeper than two folders. The machine needs no network: wheels for
 # yolov5/ultralytics and what its image lacks are prepared here by benchmarks/gpu/prepare.sh into
 # .whl/ (ignored by git) and carried with the call. --cpu runs every step's plumbing on the CPU
@@ -82,17 +83,45 @@ use_site() {  # after the build: the wheels on the path, and pkg_resources if th
   fi
 }
 
+sanitizer() {  # sanitizer TOOL: compute-sanitizer over the quick smoke, nanops' kernels only
+  local tool=$1
+  if [ "$MODE" = cpu ]; then
+    echo "compute-sanitizer $tool: skipped on the CPU" > "$WORK/sanitizer-$tool.log"
+    printf '%s\t%s\t%s\n' "sanitizer-$tool" skipped 0 >> "$STEPS"
+    return
+  fi
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer-$tool" 220 compute-sanitizer --tool "$tool" \
+    --kernel-name kns=nanops --print-limit 30 "$PY" benchmarks/gpu/smoke.py --quick
+}
+
 sanitizers() {
   local tool
-  for tool in memcheck racecheck synccheck initcheck; do
-    if [ "$MODE" = cpu ]; then
-      echo "compute-sanitizer $tool: skipped on the CPU" > "$WORK/sanitizer-$tool.log"
-      printf '%s\t%s\t%s\n' "sanitizer-$tool" skipped 0 >> "$STEPS"
-      continue
-    fi
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer-$tool" 240 compute-sanitizer --tool "$tool" \
-      --kernel-name kns=nanops --print-limit 30 "$PY" benchmarks/gpu/smoke.py --quick
+  for tool in memcheck racecheck synccheck initcheck; do sanitizer "$tool"; done
+}
+
+concurrently() {  # runs each quoted command line in the background; waits for all
+  local pids=() line
+  for line in "$@"; do
+    eval "$line" &
+    pids+=($!)
   done
+  for pid in "${pids[@]}"; do wait "$pid"; done
+}
+
+all_at_once() {
+  if [ "$MODE" = cpu ]; then part1; part2; return; fi  # the plumbing, one step after another
+  environment
+  step wheels 60 install_wheels
+  step build 200 build || return
+  use_site
+  local xdist=""
+  "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
+  concurrently \
+    "step tests 220 $PY -m pytest -q -p no:cacheprovider -o addopts='' $xdist -k cuda --junitxml $WORK/tests.xml tests" \
+    "step smoke 200 $PY benchmarks/gpu/smoke.py --json $WORK/smoke.json" \
+    "sanitizer memcheck" "sanitizer racecheck" "sanitizer synccheck" "sanitizer initcheck" \
+    "step seed 230 $PY benchmarks/gpu/seed_training.py --out $WORK/seed"
+  NANOPS_BENCH_TIME_SCALE=${NANOPS_BENCH_TIME_SCALE:-0.3} step bench 150 "$PY" benchmarks/run.py --out "$WORK/bench"
 }
 
 part1() {
@@ -135,7 +164,7 @@ part2() {
 case $PART in
   part1) part1 ;;
   part2) part2 ;;
-  all) part1; part2 ;;
+  all) all_at_once ;;
 esac
 "$PY" benchmarks/gpu/summary.py "$WORK" | tee "$OUT/summary.txt"
 # What comes back from a device call: a few files, two folders deep at most.

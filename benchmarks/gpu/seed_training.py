@@ -1,7 +1,7 @@
 """The failure nanops was started for, on a GPU: yolov5s-transformer trained with AMP by plain
 `yolov5 train` and by `nanops train`, same seed, same synthetic data, per-epoch records.
 
-    python benchmarks/gpu/seed_training.py --out DIR [--epochs 3] [--img 640] [--images 32]
+    python benchmarks/gpu/seed_training.py --out DIR [--epochs 10] [--img 320] [--images 64]
                                            [--c3tr-input-scale auto|S]
 
 Both runs are yolov5's own train.py (nanops train swaps in its protection from outside). Per
@@ -13,6 +13,11 @@ entering the transformer block, so that its q.k logits overflow float16 as in th
 started nanops). "auto" first trains plain at S = 1 and, if that run stays finite, trains both
 at S = 256 and says so. Writes DIR/seed_training.json and prints a table. --device cpu runs the
 same plumbing on tiny images without AMP (the check's CPU mode).
+
+The data and hyp are the demo's (one class of large flat boxes; lr0 0.1, no mosaic), so that a
+few epochs reach a non-zero mAP; the model is the full-width yolov5s-transformer. AMP is forced
+on: yolov5's check_amp would otherwise fetch yolov5n.pt, which an offline GPU machine cannot,
+and disable AMP when that fails.
 """
 from __future__ import annotations
 
@@ -26,7 +31,9 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from nanops.tools.demo import DEMO_HYP
 from nanops.tools.synthetic import write_yolo_dataset
 from nanops.yolov5 import transformer_yaml
 from nanops.yolov5.env import prepare_environment, quiet_yolov5_import
@@ -80,6 +87,38 @@ def scaled_c3tr_input(scale: float):
         handle.remove()
 
 
+@contextlib.contextmanager
+def amp_forced_on(calls: list[str]):
+    """yolov5's train.py asks check_amp(model) whether to use AMP; answer yes and record it."""
+    train_module = quiet_yolov5_import("yolov5.train")
+    original = train_module.check_amp
+
+    def check_amp(model):
+        calls.append(next(model.parameters()).device.type)
+        return True
+
+    train_module.check_amp = check_amp
+    try:
+        yield
+    finally:
+        train_module.check_amp = original
+
+
+def seed_files(root: Path, images: int, size: int) -> tuple[Path, Path, Path]:
+    """Dataset, one-class yolov5s-transformer yaml and the demo's hyp under root."""
+    data = write_yolo_dataset(root / "data", num_train=images, num_val=max(8, images // 4), size=size,
+                              num_classes=1, box_size=(0.35, 0.6), max_boxes=2)
+    cfg = yaml.safe_load(transformer_yaml().read_text())
+    cfg["nc"] = 1
+    cfg_path = root / "yolov5s-transformer-1class.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    hyp = yaml.safe_load((transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
+    hyp.update(DEMO_HYP)
+    hyp_path = root / "hyp.seed.yaml"
+    hyp_path.write_text(yaml.safe_dump(hyp))
+    return data, cfg_path, hyp_path
+
+
 def results_rows(save_dir: Path) -> list[dict]:
     with (save_dir / "results.csv").open() as f:
         rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(f)]
@@ -98,8 +137,9 @@ def train_once(which: str, flags: dict, c3tr_scale: float) -> dict:
     from nanops.yolov5.train import run, run_plain
 
     updates: list[dict] = []
+    amp_checks: list[str] = []
     t0 = time.perf_counter()
-    with recorded_scaler_updates(updates), scaled_c3tr_input(c3tr_scale):
+    with recorded_scaler_updates(updates), scaled_c3tr_input(c3tr_scale), amp_forced_on(amp_checks):
         if which == "plain":
             save_dir = run_plain(name=f"plain-s{c3tr_scale:g}", **flags)
         else:
@@ -110,7 +150,7 @@ def train_once(which: str, flags: dict, c3tr_scale: float) -> dict:
         row.update(epoch=e, skipped=sum(u["found_inf"] for u in mine), steps=len(mine),
                    scale=mine[-1]["scale"] if mine else None)
     return {"run": which, "c3tr_input_scale": c3tr_scale, "seconds": round(time.perf_counter() - t0, 1),
-            "weights_finite": weights_finite(save_dir), "epochs": epochs}
+            "amp": "cuda" in amp_checks, "weights_finite": weights_finite(save_dir), "epochs": epochs}
 
 
 def finite_run(result: dict) -> bool:
@@ -119,8 +159,8 @@ def finite_run(result: dict) -> bool:
 
 def print_table(results: list[dict]) -> None:
     for r in results:
-        print(f"\n{r['run']} (C3TR input x{r['c3tr_input_scale']:g}, {r['seconds']} s, weights finite: "
-              f"{r['weights_finite']})")
+        print(f"\n{r['run']} (C3TR input x{r['c3tr_input_scale']:g}, AMP {r['amp']}, {r['seconds']} s, "
+              f"weights finite: {r['weights_finite']})")
         print(f"{'epoch':>5} {'train loss':>11} {'val loss':>10} {'mAP@.5':>8} {'skipped':>9} {'scale':>10}")
         for e in r["epochs"]:
             print(f"{e['epoch']:>5} {e['train_loss']:>11.4g} {e['val_loss']:>10.4g} {e['map50']:>8.4f} "
@@ -131,17 +171,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="0" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--img", type=int, default=640)
-    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--img", type=int, default=320)
+    parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--c3tr-input-scale", default="auto")
     args = parser.parse_args(argv)
     prepare_environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = write_yolo_dataset(out / "data", num_train=args.images, num_val=max(4, args.images // 4), size=args.img)
-    flags = dict(data=str(data), cfg=str(transformer_yaml()), weights="", epochs=args.epochs, batch_size=args.batch,
+    data, cfg, hyp = seed_files(out, args.images, args.img)
+    flags = dict(data=str(data), cfg=str(cfg), hyp=str(hyp), weights="", epochs=args.epochs, batch_size=args.batch,
                  imgsz=args.img, workers=2, device=args.device, project=str(out / "runs"), exist_ok=True,
                  noplots=True, seed=0)
     results = []
