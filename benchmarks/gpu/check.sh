@@ -90,7 +90,7 @@ sanitizer() {  # sanitizer TOOL: compute-sanitizer over the quick smoke, nanops'
     printf '%s\t%s\t%s\n' "sanitizer-$tool" skipped 0 >> "$STEPS"
     return
   fi
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer-$tool" 220 compute-sanitizer --tool "$tool" \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer-$tool" 200 compute-sanitizer --tool "$tool" \
     --kernel-name kns=nanops --print-limit 30 "$PY" benchmarks/gpu/smoke.py --quick
 }
 
@@ -112,16 +112,16 @@ all_at_once() {
   if [ "$MODE" = cpu ]; then part1; part2; return; fi  # the plumbing, one step after another
   environment
   step wheels 60 install_wheels
-  step build 200 build || return
+  step build 150 build || return
   use_site
   local xdist=""
   "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
   concurrently \
-    "step tests 220 $PY -m pytest -q -p no:cacheprovider -o addopts='' $xdist -k cuda --junitxml $WORK/tests.xml tests" \
+    "step tests 200 $PY -m pytest -q -p no:cacheprovider -o addopts='' $xdist -k cuda --junitxml $WORK/tests.xml tests" \
     "step smoke 200 $PY benchmarks/gpu/smoke.py --json $WORK/smoke.json" \
     "sanitizer memcheck" "sanitizer racecheck" "sanitizer synccheck" "sanitizer initcheck" \
-    "step seed 230 $PY benchmarks/gpu/seed_training.py --out $WORK/seed"
-  NANOPS_BENCH_TIME_SCALE=${NANOPS_BENCH_TIME_SCALE:-0.3} step bench 150 "$PY" benchmarks/run.py --out "$WORK/bench"
+    "step seed 200 $PY benchmarks/gpu/seed_training.py --out $WORK/seed"
+  NANOPS_BENCH_TIME_SCALE=${NANOPS_BENCH_TIME_SCALE:-0.3} step bench 140 "$PY" benchmarks/run.py --out "$WORK/bench"
 }
 
 part1() {
