@@ -1,4 +1,4 @@
-// Included first (before any other header) by the AVX2 copy of a CPU kernel: the target pragma
+// Included right after cpu/isa_prelude.h by the AVX2 copy of a CPU kernel: the target pragma
 // makes every function of the file AVX2/FMA/F16C code, and ATen's vec headers then compile their
 // AVX2 implementation (Sleef exp, F16C conversions). Callers use that copy only when
 // cpu_has_avx2() (cpu/isa.h) says the CPU runs it. x86-64 only.

@@ -1,4 +1,4 @@
-// Included first (before any other header) by the AVX-512 copy of a CPU kernel, as
+// Included right after cpu/isa_prelude.h by the AVX-512 copy of a CPU kernel, as
 // isa_avx2_begin.h is by the AVX2 copy: ATen's vec headers then compile their 512-bit
 // implementation, the one torch's own kernels use on such CPUs. Callers use that copy only when
 // cpu_has_avx512() (cpu/isa.h) says the CPU runs it. x86-64 only.

@@ -512,10 +512,10 @@ cudaError_t softmax_forward(const T* x, T* y, int64_t rows, int64_t len, double 
     const bool vectorized = rows_aligned<T>(len, vec, {x, y});
     const bool mask_vec = kKind != MaskKind::None && vectorized && mask_rows_aligned<M>(mask, index, vec);
     with_log2(len, [&](auto log2) {
-      constexpr int kLog2 = decltype(log2)::value;
       if constexpr (std::is_same_v<T, double>) {
         (void)log2;  // float64 never takes the warp kernels (warp_max_len)
       } else {
+        constexpr int kLog2 = decltype(log2)::value;
         const unsigned grid = warp_grid<kLog2>(rows);
         const int n = static_cast<int>(len);
         if constexpr (WarpShape<kLog2>::kIters >= 2) {
@@ -561,10 +561,10 @@ cudaError_t softmax_backward(const T* grad_y, const T* y, T* grad_x, int64_t row
   if (len <= warp_max_len<T>()) {
     const bool vectorized = rows_aligned<T>(len, warp_vec<T>(len), {grad_y, y, grad_x});
     with_log2(len, [&](auto log2) {
-      constexpr int kLog2 = decltype(log2)::value;
       if constexpr (std::is_same_v<T, double>) {
         (void)log2;
       } else {
+        constexpr int kLog2 = decltype(log2)::value;
         const unsigned grid = warp_grid<kLog2>(rows);
         const int n = static_cast<int>(len);
         if constexpr (WarpShape<kLog2>::kIters >= 2) {
