@@ -2,17 +2,19 @@
 `yolov5 train` and by `nanops train`, same seed, same synthetic data, per-epoch records.
 
     python benchmarks/gpu/seed_training.py --out DIR [--epochs 10] [--img 320] [--images 64]
-                                           [--c3tr-input-scale auto|S]
+                                           [--attention-input-scale auto|probe|S]
 
 Both runs are yolov5's own train.py (nanops train swaps in its protection from outside). Per
 epoch: train loss, val loss, mAP@.5, optimizer steps skipped, the GradScaler's scale at the
 epoch's end; at the end, whether every weight and buffer of last.pt is finite.
 
-With --c3tr-input-scale S every C3TR's input is multiplied by S in both runs (larger activations
-entering the transformer block, so that its q.k logits overflow float16 as in the report that
-started nanops). "auto" first trains plain at S = 1 and, if that run stays finite, trains both
-at S = 256 and says so. Writes DIR/seed_training.json and prints a table. --device cpu runs the
-same plumbing on tiny images without AMP (the check's CPU mode).
+With --attention-input-scale S the input of every C3TR's transformer layer is multiplied by S in
+both runs (larger activations entering the attention, so that its q.k logits overflow float16 as
+in the report that started nanops). "auto" first trains plain at S = 1 and, if that run stays
+finite, looks for the smallest S (a power of 2 from 256) at which one float16-autocast forward of
+the model is non-finite under plain yolov5 and finite with nanops' attention, and trains both at
+that S; "probe" skips the S = 1 run. Writes DIR/seed_training.json and prints a table. --device
+cpu runs the same plumbing on tiny images without AMP (the check's CPU mode).
 
 The data and hyp are the demo's (one class of large flat boxes; lr0 0.1, no mosaic), so that a
 few epochs reach a non-zero mAP; the model is the full-width yolov5s-transformer. AMP is forced
@@ -69,14 +71,17 @@ def recorded_scaler_updates(log: list[dict]):
 
 
 @contextlib.contextmanager
-def scaled_c3tr_input(scale: float):
+def scaled_attention_input(scale: float):
+    """Every transformer layer's input (inside each C3TR) multiplied by `scale`: larger activations
+    entering the attention. Not the C3TR's own input: its first conv's BatchNorm, in training
+    mode, normalises any scale away (x256 there left plain yolov5 unchanged on an H100)."""
     if scale == 1.0:
         yield
         return
-    C3TR = quiet_yolov5_import("yolov5.models.common").C3TR
 
     def pre_hook(module, args):
-        if isinstance(module, C3TR):
+        # By name: yolov5's TransformerLayer and nanops.nn's drop-in alike.
+        if type(module).__name__ == "TransformerLayer":
             return (args[0] * scale,) + tuple(args[1:])
         return None
 
@@ -102,6 +107,36 @@ def amp_forced_on(calls: list[str]):
         yield
     finally:
         train_module.check_amp = original
+
+
+def overflow_scale(cfg: Path, img: int, batch: int, device: str) -> tuple[float | None, list[dict]]:
+    """The smallest attention input scale at which plain yolov5's forward under float16 autocast gives
+    a non-finite output while the same model with nanops' attention does not; and the probes."""
+    import copy
+
+    import nanops
+
+    Model = quiet_yolov5_import("yolov5.models.yolo").Model
+    torch.manual_seed(0)
+    with contextlib.redirect_stdout(None):
+        base = Model(str(cfg), ch=3, nc=1).to(device).train()
+    x = torch.rand(batch, 3, img, img, device=device)
+
+    def finite_forward(model, scale) -> bool:
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.float16), \
+                scaled_attention_input(scale):
+            return all(bool(torch.isfinite(o).all()) for o in model(x))
+
+    probes = []
+    for scale in (2.0 ** k for k in range(8, 15)):
+        ours = copy.deepcopy(base)
+        nanops.patch(ours)
+        plain_ok, ours_ok = finite_forward(copy.deepcopy(base), scale), finite_forward(ours, scale)
+        probes.append({"scale": scale, "plain_finite": plain_ok, "nanops_finite": ours_ok})
+        print(f"probe: attention input x{scale:g}: plain forward finite {plain_ok}, nanops forward finite {ours_ok}")
+        if not plain_ok and ours_ok:
+            return scale, probes
+    return None, probes
 
 
 def seed_files(root: Path, images: int, size: int) -> tuple[Path, Path, Path]:
@@ -133,23 +168,23 @@ def weights_finite(save_dir: Path) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def train_once(which: str, flags: dict, c3tr_scale: float) -> dict:
+def train_once(which: str, flags: dict, scale: float) -> dict:
     from nanops.yolov5.train import run, run_plain
 
     updates: list[dict] = []
     amp_checks: list[str] = []
     t0 = time.perf_counter()
-    with recorded_scaler_updates(updates), scaled_c3tr_input(c3tr_scale), amp_forced_on(amp_checks):
+    with recorded_scaler_updates(updates), scaled_attention_input(scale), amp_forced_on(amp_checks):
         if which == "plain":
-            save_dir = run_plain(name=f"plain-s{c3tr_scale:g}", **flags)
+            save_dir = run_plain(name=f"plain-s{scale:g}", **flags)
         else:
-            save_dir = Path(run(name=f"nanops-s{c3tr_scale:g}", **flags).save_dir)
+            save_dir = Path(run(name=f"nanops-s{scale:g}", **flags).save_dir)
     epochs = results_rows(save_dir)
     for e, row in enumerate(epochs):
         mine = [u for u in updates if u["epoch"] == e]
         row.update(epoch=e, skipped=sum(u["found_inf"] for u in mine), steps=len(mine),
                    scale=mine[-1]["scale"] if mine else None)
-    return {"run": which, "c3tr_input_scale": c3tr_scale, "seconds": round(time.perf_counter() - t0, 1),
+    return {"run": which, "attention_input_scale": scale, "seconds": round(time.perf_counter() - t0, 1),
             "amp": "cuda" in amp_checks, "weights_finite": weights_finite(save_dir), "epochs": epochs}
 
 
@@ -159,7 +194,7 @@ def finite_run(result: dict) -> bool:
 
 def print_table(results: list[dict]) -> None:
     for r in results:
-        print(f"\n{r['run']} (C3TR input x{r['c3tr_input_scale']:g}, AMP {r['amp']}, {r['seconds']} s, "
+        print(f"\n{r['run']} (attention input x{r['attention_input_scale']:g}, AMP {r['amp']}, {r['seconds']} s, "
               f"weights finite: {r['weights_finite']})")
         print(f"{'epoch':>5} {'train loss':>11} {'val loss':>10} {'mAP@.5':>8} {'skipped':>9} {'scale':>10}")
         for e in r["epochs"]:
@@ -175,8 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img", type=int, default=320)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--c3tr-input-scale", default="auto")
+    parser.add_argument("--attention-input-scale", default="auto",
+                        help="auto (plain at x1 first, probe if it stays finite), probe (skip the x1 run), or S")
     args = parser.parse_args(argv)
+    args.device_name = "cpu" if args.device == "cpu" else f"cuda:{args.device}" if args.device.isdigit() else args.device
     prepare_environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,15 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     flags = dict(data=str(data), cfg=str(cfg), hyp=str(hyp), weights="", epochs=args.epochs, batch_size=args.batch,
                  imgsz=args.img, workers=2, device=args.device, project=str(out / "runs"), exist_ok=True,
                  noplots=True, seed=0)
-    results = []
-    if args.c3tr_input_scale == "auto":
-        first = train_once("plain", flags, 1.0)
-        results.append(first)
-        scale = 1.0 if not finite_run(first) else 256.0
-        if scale != 1.0:
-            print("plain yolov5 stayed finite at the default setting: both runs again with every C3TR input x256")
-    else:
-        scale = float(args.c3tr_input_scale)
+    results, probes = [], []
+    scale = 1.0 if args.attention_input_scale in ("auto", "probe") else float(args.attention_input_scale)
+    if args.attention_input_scale == "auto":
+        results.append(train_once("plain", flags, 1.0))
+    if args.attention_input_scale == "probe" or (results and finite_run(results[0])):
+        found, probes = overflow_scale(cfg, args.img, args.batch, args.device_name)
+        scale = found if found is not None else 256.0
+        print(f"both runs with every attention input x{scale:g}"
+              + ("" if found is not None else " (no probed scale broke plain alone)"))
     if not results or scale != 1.0:
         results.append(train_once("plain", flags, scale))
     results.append(train_once("nanops", flags, scale))
@@ -201,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     verdict = {"plain_nonfinite": not finite_run(plain), "nanops_finite": finite_run(ours),
                "map_at_least_plain": ours["epochs"][-1]["map50"] >= plain["epochs"][-1]["map50"]}
     summary = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
-               "torch": torch.__version__, "amp": args.device != "cpu", "results": results, "verdict": verdict}
+               "torch": torch.__version__, "amp": args.device != "cpu", "scale_probes": probes, "results": results,
+               "verdict": verdict}
     (out / "seed_training.json").write_text(json.dumps(summary, indent=1))
     print(f"\nverdict: {verdict}")
     return 0 if verdict["nanops_finite"] else 1
