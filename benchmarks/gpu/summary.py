@@ -19,10 +19,12 @@ TARGETS = [
     ("nonfinite", "yolov5s-transformer", "loop", 10.0),
     ("clip", "yolov5s", "foreach=True", 1.5),
     ("clip", "1000 small", "foreach=True", 1.5),
-    ("clip", "1e9", "unscale", 1.5),
+    ("clip", "1e9 bf16 params +AMP unscale", "", 1.5),
     ("softmax", "fwd (", "torch.softmax(x)", 1.0),
+    ("softmax", ("fwd (", "float16"), "x*scale + mask", 2.5),
     ("softmax", "fwd+bwd", "torch.softmax(x)", 1.0),
     ("transformer", "fp16 autocast", "yolov5", 1.0),
+    ("transformer", "fp16 autocast", "SDPA", 1.0),
 ]
 
 
@@ -87,7 +89,8 @@ def bench_rows(work: Path) -> list[dict]:
 def target_lines(rows: list[dict]) -> list[str]:
     out = []
     for op, case, base, target in TARGETS:
-        hits = [r for r in rows if r["op"] == op and case in r["case"] and base in r["baseline"]]
+        parts = case if isinstance(case, tuple) else (case,)
+        hits = [r for r in rows if r["op"] == op and all(c in r["case"] for c in parts) and base in r["baseline"]]
         for r in hits:
             out.append(f"  {'met ' if r['speedup'] >= target else 'MISS'} {r['speedup']:6.2f}x (>= {target}) "
                        f"{op}: {r['case'][:44]} vs {r['baseline'][:30]}")
