@@ -5,7 +5,8 @@ dispatch, launches), not the kernels themselves.
 Cases: 182 tensors (yolov5s-transformer's grad count) and 1000 tensors, float32, on the bench
 device. Baselines: torch's own call for the same job (its clip_grad_norm_(foreach=True); its
 fused `_amp_foreach_non_finite_check_and_unscale_` for the NaN/Inf checks). On a GPU these rows
-say how far a step is from being launch-bound; on the CPU they measure the wrappers.
+say how far a step is from being launch-bound; on the CPU they measure the wrappers. And one
+stable_softmax call on a (2, 8) float32 tensor, with and without grad, against torch.softmax.
 """
 from __future__ import annotations
 
@@ -54,6 +55,13 @@ def main(argv=None) -> list[dict]:
         rows.append(row(f"clip_grad_norm_ + AMP unscale, {n} tiny tensors", "torch clip_grad_norm_(foreach=True)",
                         base_clip, measure(lambda: nanops.clip_grad_norm_(params, 10.0, inv_scale=inv_scale,
                                                                          found_inf=found_inf), inputs, device, **kw)))
+    kw = dict(min_runs=200, min_seconds=1.0, max_runs=4000, warmup=20)
+    for needs_grad in (False, True):
+        x = torch.randn(2, 8, device=device, requires_grad=needs_grad)
+        what = "requires grad" if needs_grad else "no grad"
+        rows.append(row(f"stable_softmax, (2, 8), {what}", "torch.softmax",
+                        measure(lambda: torch.softmax(x, -1), [()], device, **kw),
+                        measure(lambda: nanops.stable_softmax(x), [()], device, **kw)))
     return report("host", f"host overhead per call on {device} (tiny tensors)", device, rows)
 
 

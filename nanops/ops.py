@@ -226,8 +226,28 @@ def _exporting() -> bool:
     """True inside torch.jit.trace, ONNX export and torch.export: there the softmax is written
     with standard ops, so the exported program runs where nanops is not installed."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-            or (is_exporting is not None and is_exporting()))
+    if torch.compiler.is_compiling():  # dynamo traces torch's own checks, not the flags they read
+        return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+                or (is_exporting is not None and is_exporting()))
+    return (torch.jit.is_tracing() or (is_exporting is not None and is_exporting())
+            or _onnx_exporting())
+
+
+_onnx_flags = None
+
+
+def _onnx_exporting() -> bool:
+    """torch.onnx.is_in_onnx_export() without its two imports per call (2 us, a fifth of what a
+    whole small stable_softmax call costs): the flags it reads, looked up once."""
+    global _onnx_flags
+    if _onnx_flags is None:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+            _onnx_flags = lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting  # noqa: E731
+        except ImportError:  # another torch layout: ask torch each time
+            _onnx_flags = torch.onnx.is_in_onnx_export
+    return bool(_onnx_flags())
 
 
 def _stable_softmax_composite(x: torch.Tensor, dim: int, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -264,59 +284,8 @@ def _stable_softmax_backward_fake(grad_y, y, dim, scale):
     return torch.empty_like(y, memory_format=torch.contiguous_format)
 
 
-def _stable_softmax_setup_context(ctx, inputs, output):
-    x, dim, scale, mask = inputs
-    ctx.dim = dim
-    ctx.scale = scale
-    # The gradient needs only the probabilities; the mask matters only if it asks for a grad.
-    ctx.mask_shape = None if mask is None else mask.shape
-    ctx.mask_needs_grad = mask is not None and mask.dtype.is_floating_point and ctx.needs_input_grad[3]
-    ctx.save_for_backward(output)
-
-
-def _stable_softmax_backward(ctx, grad_y):
-    (y,) = ctx.saved_tensors
-    grad_x = grad_mask = None
-    if ctx.mask_needs_grad:
-        # d/dmask is the softmax Jacobian product without the scale: one backward kernel, whose
-        # result also gives grad_x (times the scale).
-        grad_z = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, 1.0)
-        grad_mask = grad_z.sum_to_size(ctx.mask_shape)
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_z if ctx.scale == 1.0 else grad_z * ctx.scale
-    elif ctx.needs_input_grad[0]:
-        grad_x = torch.ops.nanops.stable_softmax_backward.default(grad_y, y, ctx.dim, ctx.scale)
-    return grad_x, None, None, grad_mask
-
-
-torch.library.register_autograd(
-    "nanops::stable_softmax", _stable_softmax_backward, setup_context=_stable_softmax_setup_context
-)
-
-
-def _stable_softmax_backward_setup_context(ctx, inputs, output):
-    grad_y, y, dim, scale = inputs
-    ctx.dim, ctx.scale = dim, scale
-    ctx.save_for_backward(grad_y, y)
-
-
-def _stable_softmax_double_backward(ctx, grad_grad_x):
-    # grad_x = s * y * (g - <g, y>): linear in g, bilinear in (g, y).
-    grad_y_out, y = ctx.saved_tensors
-    s, dim = ctx.scale, ctx.dim
-    gg = grad_grad_x * s
-    dot_gy = (grad_y_out * y).sum(dim, keepdim=True)
-    dot_ggy = (gg * y).sum(dim, keepdim=True)
-    d_grad_y = y * gg - y * dot_ggy if ctx.needs_input_grad[0] else None
-    d_y = gg * (grad_y_out - dot_gy) - grad_y_out * dot_ggy if ctx.needs_input_grad[1] else None
-    return d_grad_y, d_y, None, None
-
-
-torch.library.register_autograd(
-    "nanops::stable_softmax_backward",
-    _stable_softmax_double_backward,
-    setup_context=_stable_softmax_backward_setup_context,
-)
+# The autograd of stable_softmax (and of its backward op, for double backward) is registered in
+# C++ (csrc/stable_softmax_autograd.cpp): a Python autograd layer would run on every call.
 
 
 # --------------------------------------------------------------------------------------------

@@ -150,6 +150,21 @@ def test_gradcheck_float64(device, length):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_mask_gradient_alone_and_double_backward_through_the_mask(device):
+    # The autograd is C++ (csrc/stable_softmax_autograd.cpp): a broadcast float mask's gradient
+    # with x not needing one, and second derivatives through both inputs.
+    x = torch.randn(3, 2, 6, device=device, dtype=torch.float64)
+    mask = torch.randn(2, 1, device=device, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(3, 2, 6, device=device, dtype=torch.float64)
+    (grad_mask,) = torch.autograd.grad(nanops.stable_softmax(x, scale=0.4, mask=mask), mask, g)
+    ref_mask = mask.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(torch.softmax(0.4 * x + ref_mask, -1), ref_mask, g)
+    torch.testing.assert_close(grad_mask, expected)
+    xg = x.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t, m: nanops.stable_softmax(t, scale=0.4, mask=m), (xg, mask))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_backward_matches_torch(device, dtype):
     x = torch.randn(4, 3, 400, device=device).to(dtype).requires_grad_()

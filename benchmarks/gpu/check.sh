@@ -4,14 +4,15 @@
 # kernels only, caching allocator off), `nanops bench` on CUDA, and the seed-failure training
 # (plain yolov5 train vs nanops train, AMP); one-screen summary at the end.
 #
-#   benchmarks/gpu/check.sh [all|part1|part2|recheck] [--cpu]
+#   benchmarks/gpu/check.sh [all|part1|part2|recheck|profile] [--cpu]
 #
 # all (one device call of under 10 minutes): build; then, side by side on the GPU since none of
 # them is timed, the CUDA tests, the smoke script, the four sanitizers and the seed training;
 # then the benchmarks alone (timing, with NANOPS_BENCH_TIME_SCALE shortening the measuring
 # windows). part1 (build, tests, smoke, sanitizers) and part2 (bench, seed) run the same steps
 # one after another, for a second call on a warm machine. recheck: the guard tests, the four
-# sanitizers and the seed training side by side, no benchmarks (a short call after fixes). Output: $OUT (default ./gpu-check-out): summary.txt and the files the
+# sanitizers and the seed training side by side, no benchmarks (a short call after fixes).
+# profile: Nsight Compute over benchmarks/gpu/profile_cases.py (the missed targets), ncu.txt. Output: $OUT (default ./gpu-check-out): summary.txt and the files the
 # summary names, at most 8, no deeper than two folders. The machine needs no network: wheels for
 # yolov5/ultralytics and what its image lacks are prepared here by benchmarks/gpu/prepare.sh into
 # .whl/ (ignored by git) and carried with the call. --cpu runs every step's plumbing on the CPU
@@ -23,9 +24,9 @@ PART=all
 MODE=gpu
 for arg in "$@"; do
   case $arg in
-    part1|part2|all|recheck) PART=$arg ;;
+    part1|part2|all|recheck|profile) PART=$arg ;;
     --cpu) MODE=cpu ;;
-    *) echo "check.sh: unknown argument $arg (all|part1|part2|recheck, --cpu)" >&2; exit 2 ;;
+    *) echo "check.sh: unknown argument $arg (all|part1|part2|recheck|profile, --cpu)" >&2; exit 2 ;;
   esac
 done
 OUT=${OUT:-$ROOT/gpu-check-out}
@@ -74,9 +75,10 @@ build() {
     "$PY" -c "import nanops; print('nanops importable; CPU mode builds nothing')"
     return
   fi
-  # A nanops/_C built elsewhere for this machine's Python and torch (carried in .prebuilt/, which
-  # git ignores) saves the build's two minutes of device time when it loads; else build here.
-  if ls .prebuilt/_C.*.so >/dev/null 2>&1; then
+  # A nanops/_C built elsewhere for this machine's Python and torch (benchmarks/gpu/prebuild.sh,
+  # carried in .prebuilt/, which git ignores) saves the build's two minutes of device time when
+  # it was built from these very sources and loads; else build here.
+  if ls .prebuilt/_C.*.so >/dev/null 2>&1 && [ "$(cat .prebuilt/SOURCES.sha256 2>/dev/null)" = "$(bash benchmarks/gpu/source_hash.sh)" ]; then
     cp .prebuilt/_C.*.so nanops/ && "$PY" -c "import nanops; assert nanops.cuda_built(); print('prebuilt nanops._C loads, with CUDA kernels')" && return
     rm -f nanops/_C.*.so
   fi
@@ -148,6 +150,18 @@ recheck() {  # after fixes, on a warm or fresh machine: the failed tests, saniti
     "step seed $left $PY benchmarks/gpu/seed_training.py --out $WORK/seed --attention-input-scale probe"
 }
 
+profile() {  # Nsight Compute on the cases whose targets were missed (profile_cases.py)
+  environment
+  step wheels 60 install_wheels
+  step build 150 build || return
+  use_site
+  step ncu 300 ncu --clock-control none \
+    --kernel-name "regex:softmax|SoftMax|non_finite|nonfinite|all_finite|multi_tensor" \
+    --launch-skip 4 --launch-count 24 --section SpeedOfLight --section MemoryWorkloadAnalysis \
+    --section Occupancy --section LaunchStats "$PY" benchmarks/gpu/profile_cases.py
+  cp "$WORK/ncu.log" "$OUT/ncu.txt" 2>/dev/null
+}
+
 part1() {
   environment
   step wheels 120 install_wheels
@@ -190,6 +204,7 @@ case $PART in
   part2) part2 ;;
   all) all_at_once ;;
   recheck) recheck ;;
+  profile) profile ;;
 esac
 "$PY" benchmarks/gpu/summary.py "$WORK" | tee "$OUT/summary.txt"
 # What comes back from a device call: a few files, two folders deep at most.

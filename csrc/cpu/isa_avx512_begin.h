@@ -32,7 +32,10 @@
 #endif
 #define CPU_CAPABILITY AVX512
 #define CPU_CAPABILITY_AVX512
-// GCC 12's 512-bit intrinsics (abs, max through _mm512_undefined_*) trip its own
-// -Wmaybe-uninitialized inside avx512fintrin.h; a false positive in the compiler's header,
-// silenced for these translation units only.
+// GCC's 512-bit intrinsics (abs, max through _mm512_undefined_*: `__Y = __Y`) trip its own
+// -Wuninitialized / -Wmaybe-uninitialized once inlined through ATen's Vectorized (whether they do
+// depends on which headers came before the target pragma); the undefined lanes are overwritten by
+// the masked operation: a false positive in the compiler's header, silenced for these
+// translation units only.
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
