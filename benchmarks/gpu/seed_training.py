@@ -33,11 +33,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
-from nanops.tools.demo import DEMO_HYP
-from nanops.tools.synthetic import write_yolo_dataset
-from nanops.yolov5 import transformer_yaml
+from nanops.tools.demo import demo_files
 from nanops.yolov5.env import prepare_environment, quiet_yolov5_import
 
 
@@ -139,21 +136,6 @@ def overflow_scale(cfg: Path, img: int, batch: int, device: str) -> tuple[float 
     return None, probes
 
 
-def seed_files(root: Path, images: int, size: int) -> tuple[Path, Path, Path]:
-    """Dataset, one-class yolov5s-transformer yaml and the demo's hyp under root."""
-    data = write_yolo_dataset(root / "data", num_train=images, num_val=max(8, images // 4), size=size,
-                              num_classes=1, box_size=(0.35, 0.6), max_boxes=2)
-    cfg = yaml.safe_load(transformer_yaml().read_text())
-    cfg["nc"] = 1
-    cfg_path = root / "yolov5s-transformer-1class.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg))
-    hyp = yaml.safe_load((transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
-    hyp.update(DEMO_HYP)
-    hyp_path = root / "hyp.seed.yaml"
-    hyp_path.write_text(yaml.safe_dump(hyp))
-    return data, cfg_path, hyp_path
-
-
 def results_rows(save_dir: Path) -> list[dict]:
     with (save_dir / "results.csv").open() as f:
         rows = [{k.strip(): v.strip() for k, v in r.items()} for r in csv.DictReader(f)]
@@ -217,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     prepare_environment()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data, cfg, hyp = seed_files(out, args.images, args.img)
+    data, cfg, hyp = demo_files(out, args.images, args.img, width=None)
     flags = dict(data=str(data), cfg=str(cfg), hyp=str(hyp), weights="", epochs=args.epochs, batch_size=args.batch,
                  imgsz=args.img, workers=2, device=args.device, project=str(out / "runs"), exist_ok=True,
                  noplots=True, seed=0)

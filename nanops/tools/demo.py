@@ -131,13 +131,18 @@ def _quiet_yolov5():
         LOGGER.setLevel(level)
 
 
-def _demo_files(root: Path, images: int, image_size: int) -> tuple[Path, Path, Path]:
-    """The dataset, the nano-width transformer model yaml and the hyp of the demo."""
+def demo_files(root: Path, images: int, image_size: int,
+               width: float | None = DEMO_WIDTH) -> tuple[Path, Path, Path]:
+    """Writes under `root` the demo's dataset (one class of large flat boxes), a one-class
+    yolov5s-transformer yaml (width_multiple `width`; None keeps yolov5s's) and the demo's hyp
+    (lr0 0.1, no mosaic: a few epochs reach a useful mAP); returns their paths."""
     data = write_yolo_dataset(root / "data", num_train=images, num_val=max(8, images // 4), size=image_size,
                               num_classes=1, box_size=(0.35, 0.6), max_boxes=2)
     cfg = yaml.safe_load(transformer_yaml().read_text())
-    cfg.update(nc=1, width_multiple=DEMO_WIDTH)
-    cfg_path = root / "yolov5n-transformer.yaml"
+    cfg["nc"] = 1
+    if width is not None:
+        cfg["width_multiple"] = width
+    cfg_path = root / ("yolov5s-transformer-1class.yaml" if width is None else f"yolov5-transformer-w{width:g}.yaml")
     cfg_path.write_text(yaml.safe_dump(cfg))
     hyp = yaml.safe_load((transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
     hyp.update(DEMO_HYP)
@@ -155,7 +160,7 @@ def run_demo(epochs: int = 30, corrupt_step: int = 5, batch: int = 16, image_siz
     t0 = time.perf_counter()
     with contextlib.ExitStack() as stack:
         root = Path(workdir) if workdir is not None else Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        data, cfg, hyp = _demo_files(root, images, image_size)
+        data, cfg, hyp = demo_files(root, images, image_size)
         flags = dict(data=str(data), cfg=str(cfg), hyp=str(hyp), weights="", epochs=epochs, batch_size=batch,
                      imgsz=image_size, workers=0, project=str(root / "runs"), exist_ok=True, noplots=True,
                      device="" if torch.cuda.is_available() else "cpu")
