@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build nanops against the machine's torch, run the CUDA cases of the
-# test suite, the kernel smoke script (alone and under compute-sanitizer's four tools, nanops'
-# kernels only, caching allocator off), `nanops bench` on CUDA, and the seed-failure training
+# test suite, the kernel smoke script (alone, and its kernel cases under compute-sanitizer's four
+# tools with the caching allocator off), `nanops bench` on CUDA, and the seed-failure training
 # (plain yolov5 train vs nanops train, AMP); one-screen summary at the end.
 #
 #   benchmarks/gpu/check.sh [all|part1|part2|recheck|profile] [--cpu]
@@ -12,10 +12,11 @@
 # windows). part1 (build, tests, smoke, sanitizers) and part2 (bench, seed) run the same steps
 # one after another, for a second call on a warm machine. recheck: the guard tests, the four
 # sanitizers and the seed training side by side, no benchmarks (a short call after fixes).
-# profile: Nsight Compute over benchmarks/gpu/profile_cases.py (the missed targets), ncu.txt. Output: $OUT (default ./gpu-check-out): summary.txt and the files the
-# summary names, at most 8, no deeper than two folders. The machine needs no network: wheels for
-# yolov5/ultralytics and what its image lacks are prepared here by benchmarks/gpu/prepare.sh into
-# .whl/ (ignored by git) and carried with the call. --cpu runs every step's plumbing on the CPU
+# profile: Nsight Compute over benchmarks/gpu/profile_cases.py (the missed targets), ncu.txt.
+# Output: $OUT (default ./gpu-check-out): summary.txt and the files the summary names, at most
+# 8, no deeper than two folders. The machine needs no network: wheels for yolov5/ultralytics and
+# what its image lacks are prepared here by benchmarks/gpu/prepare.sh into .whl/ (ignored by git)
+# and carried with the call. --cpu runs every step's plumbing on the CPU
 # at small sizes (no build, no sanitizer): the test suite runs it so the check cannot rot.
 set -u
 cd "$(dirname "$0")/../.."
@@ -93,7 +94,7 @@ use_site() {  # after the build: the wheels on the path, and pkg_resources if th
   fi
 }
 
-sanitizer() {  # sanitizer TOOL: compute-sanitizer over the quick smoke, nanops' kernels only
+sanitizer() {  # sanitizer TOOL: compute-sanitizer over the smoke script's kernel cases
   local tool=$1
   if [ "$MODE" = cpu ]; then
     echo "compute-sanitizer $tool: skipped on the CPU" > "$WORK/sanitizer-$tool.log"
