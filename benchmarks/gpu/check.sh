@@ -94,7 +94,7 @@ use_site() {  # after the build: the wheels on the path, and pkg_resources if th
   fi
 }
 
-sanitizer() {  # sanitizer TOOL: compute-sanitizer over the smoke script's kernel cases
+sanitizer() {  # sanitizer TOOL: compute-sanitizer over the quick smoke, the CUDA-graph case apart
   local tool=$1
   if [ "$MODE" = cpu ]; then
     echo "compute-sanitizer $tool: skipped on the CPU" > "$WORK/sanitizer-$tool.log"
@@ -106,7 +106,7 @@ sanitizer() {  # sanitizer TOOL: compute-sanitizer over the smoke script's kerne
   local filter="--kernel-name kns=nanops"
   [ "$tool" = initcheck ] && filter=""
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 step "sanitizer-$tool" "${SANITIZER_LIMIT:-200}" compute-sanitizer --tool "$tool" \
-    $filter --print-limit 200 "$PY" benchmarks/gpu/smoke.py --quick --kernels-only
+    $filter --print-limit 200 "$PY" benchmarks/gpu/smoke.py --quick --no-graph
 }
 
 sanitizers() {

@@ -255,7 +255,7 @@ def clip_cases(checks: Checks, device: str, quick: bool) -> None:
     checks.run("grad norm / clip", "extremes", extremes)
 
 
-def no_sync_and_graph_cases(checks: Checks, device: str) -> None:
+def no_sync_and_graph_cases(checks: Checks, device: str, graph: bool = True) -> None:
     if device != "cuda":
         return
     model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.BatchNorm1d(32), torch.nn.Linear(32, 4)).cuda()
@@ -298,7 +298,7 @@ def no_sync_and_graph_cases(checks: Checks, device: str) -> None:
         checks.check("no host sync", "GradScaler unscale_ + clip", True)
     checks.run("no host sync", "set_sync_debug_mode('error')", sync_free)
 
-    def graph():
+    def capture_and_replay():
         grads = [torch.randn(1000, device="cuda") * 10, torch.randn(70_000, device="cuda")]
         inv_scale = torch.full((1,), 0.5, device="cuda")
         found_inf = torch.zeros(1, device="cuda")
@@ -322,7 +322,8 @@ def no_sync_and_graph_cases(checks: Checks, device: str) -> None:
             cuda_graph.replay()
             expected = torch.linalg.vector_norm(torch.cat([f.double().flatten() for f in fresh])).item() * 0.5
             checks.check("CUDA graph", f"clip replay {trial}", math.isclose(total.item(), expected, rel_tol=1e-5))
-    checks.run("CUDA graph", "capture + replay of the fused clip", graph)
+    if graph:
+        checks.run("CUDA graph", "capture + replay of the fused clip", capture_and_replay)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -330,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one case per kernel (for compute-sanitizer)")
     parser.add_argument("--json", help="write every case's result here")
-    parser.add_argument("--kernels-only", action="store_true",
-                        help="leave out the no-sync and CUDA-graph checks (compute-sanitizer runs: graph capture "
-                             "needs the caching allocator, which the sanitizers run without)")
+    parser.add_argument("--kernels-only", action="store_true", help="leave out the no-sync and CUDA-graph checks")
+    parser.add_argument("--no-graph", action="store_true",
+                        help="leave out the CUDA-graph check (compute-sanitizer runs: graph capture needs the "
+                             "caching allocator, which the sanitizers run without)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not (torch.cuda.is_available() and nanops.cuda_built()):
         print("smoke: no CUDA device or no CUDA kernels in this build", file=sys.stderr)
@@ -344,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     tensor_list_cases(checks, args.device, args.quick)
     clip_cases(checks, args.device, args.quick)
     if not args.kernels_only:
-        no_sync_and_graph_cases(checks, args.device)
+        no_sync_and_graph_cases(checks, args.device, graph=not args.no_graph)
     if args.device == "cuda":
         torch.cuda.synchronize()
     passed, total = checks.summary()
