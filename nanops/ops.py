@@ -226,11 +226,10 @@ def _exporting() -> bool:
     """True inside torch.jit.trace, ONNX export and torch.export: there the softmax is written
     with standard ops, so the exported program runs where nanops is not installed."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
-    if torch.compiler.is_compiling():  # dynamo traces torch's own checks, not the flags they read
-        return (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
-                or (is_exporting is not None and is_exporting()))
-    return (torch.jit.is_tracing() or (is_exporting is not None and is_exporting())
-            or _onnx_exporting())
+    if torch.jit.is_tracing() or (is_exporting is not None and is_exporting()):
+        return True
+    # Dynamo traces torch's own ONNX check, not the flags it reads.
+    return torch.onnx.is_in_onnx_export() if torch.compiler.is_compiling() else _onnx_exporting()
 
 
 _onnx_flags = None

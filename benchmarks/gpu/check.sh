@@ -123,12 +123,16 @@ concurrently() {  # runs each quoted command line in the background; waits for a
   for pid in "${pids[@]}"; do wait "$pid"; done
 }
 
-all_at_once() {
-  if [ "$MODE" = cpu ]; then part1; part2; return; fi  # the plumbing, one step after another
+prepare_machine() {  # what every one-call part starts with; fails when the build does
   environment
   step wheels 60 install_wheels
-  step build 150 build || return
+  step build 150 build || return 1
   use_site
+}
+
+all_at_once() {
+  if [ "$MODE" = cpu ]; then part1; part2; return; fi  # the plumbing, one step after another
+  prepare_machine || return
   local xdist=""
   "$PY" -c "import xdist" 2>/dev/null && xdist="-n 4"
   concurrently \
@@ -140,10 +144,7 @@ all_at_once() {
 }
 
 recheck() {  # after fixes, on a warm or fresh machine: the failed tests, sanitizers and seed run again
-  environment
-  step wheels 60 install_wheels
-  step build 150 build || return
-  use_site
+  prepare_machine || return
   local left=$(( ${RECHECK_SECONDS:-230} - SECONDS ))  # what the call has left, the build included
   SANITIZER_LIMIT=$left concurrently \
     "step tests $(( left < 120 ? left : 120 )) $PY -m pytest -q -p no:cacheprovider -o addopts='' -k cuda --junitxml $WORK/tests.xml tests/test_guard.py tests/test_guarded_step.py" \
@@ -152,10 +153,7 @@ recheck() {  # after fixes, on a warm or fresh machine: the failed tests, saniti
 }
 
 profile() {  # Nsight Compute on the cases whose targets were missed (profile_cases.py)
-  environment
-  step wheels 60 install_wheels
-  step build 150 build || return
-  use_site
+  prepare_machine || return
   step ncu 300 ncu --clock-control none \
     --kernel-name "regex:softmax|SoftMax|non_finite|nonfinite|all_finite|multi_tensor" \
     --launch-skip 4 --launch-count 24 --section SpeedOfLight --section MemoryWorkloadAnalysis \

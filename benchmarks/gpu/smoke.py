@@ -331,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="one case per kernel (for compute-sanitizer)")
     parser.add_argument("--json", help="write every case's result here")
-    parser.add_argument("--kernels-only", action="store_true", help="leave out the no-sync and CUDA-graph checks")
     parser.add_argument("--no-graph", action="store_true",
                         help="leave out the CUDA-graph check (compute-sanitizer runs: graph capture needs the "
                              "caching allocator, which the sanitizers run without)")
@@ -345,8 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     softmax_cases(checks, args.device, args.quick)
     tensor_list_cases(checks, args.device, args.quick)
     clip_cases(checks, args.device, args.quick)
-    if not args.kernels_only:
-        no_sync_and_graph_cases(checks, args.device, graph=not args.no_graph)
+    no_sync_and_graph_cases(checks, args.device, graph=not args.no_graph)
     if args.device == "cuda":
         torch.cuda.synchronize()
     passed, total = checks.summary()

@@ -1,23 +1,13 @@
-// Included right after cpu/isa_prelude.h by the AVX-512 copy of a CPU kernel, as
-// isa_avx2_begin.h is by the AVX2 copy: ATen's vec headers then compile their 512-bit
+// Included first by the AVX-512 copy of a CPU kernel, as isa_avx2_begin.h is by the AVX2 copy
+// (cpu/isa_prelude.h, then the target pragma): ATen's vec headers then compile their 512-bit
 // implementation, the one torch's own kernels use on such CPUs. Callers use that copy only when
 // cpu_has_avx512() (cpu/isa.h) says the CPU runs it. x86-64 only.
 #if !defined(__x86_64__)
 #error "isa_avx512_begin.h is for x86-64 builds only"
 #endif
+#include "cpu/isa_prelude.h"  // before the pragma: see there
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#ifndef __AVX__
-#define __AVX__ 1
-#endif
-#ifndef __AVX2__
-#define __AVX2__ 1
-#endif
-#ifndef __FMA__
-#define __FMA__ 1
-#endif
-#ifndef __F16C__
-#define __F16C__ 1
-#endif
+#include "cpu/isa_avx2_feature_macros.h"
 #ifndef __AVX512F__
 #define __AVX512F__ 1
 #endif

@@ -1,5 +1,5 @@
-// Included by each per-ISA copy of a CPU kernel BEFORE its isa_*_begin.h: every standard and c10
-// header those kernels reach, so that they are compiled without the target pragma. Under the
+// Included by isa_avx2_begin.h / isa_avx512_begin.h before their target pragma: every standard
+// and c10 header those kernels reach, so that they are compiled without the target pragma. Under the
 // pragma, GCC 13's libstdc++ fails to build (its always_inline std::allocator destructor gets the
 // pragma's target while the implicit destructors calling it do not: "inlining failed ... target
 // specific option mismatch"); only ATen's vec headers, which must see the ISA, come after it.
