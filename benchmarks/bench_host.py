@@ -1,4 +1,5 @@
-"""Per-call host overhead of nanops' entry points: lists of tiny tensors (one element each), so
+"""Per-call host overhead of nanops' entry points (timing.host_us: the wall clock around 100
+calls with no sync inside, so on a GPU the host's side alone): lists of tiny tensors (one element each), so
 that the time is what Python and C++ spend around the kernels (argument checks, grouping,
 dispatch, launches), not the kernels themselves.
 
@@ -16,7 +17,15 @@ import torch
 
 import nanops
 from common import bench_device, report, row
-from timing import measure
+from timing import Timing, host_us
+
+
+def host_timing(fn, device) -> Timing:
+    """Host time per call as a Timing (host_us: the wall clock around a batch of calls, no sync
+    inside; on a CPU the whole call)."""
+    samples = [host_us(fn, device, calls=100, repeats=1) for _ in range(15)]
+    ordered = sorted(samples)
+    return Timing(ordered[len(ordered) // 2] / 1e3, ordered[3] / 1e3, ordered[11] / 1e3, len(samples))
 
 SIZES = (182, 1000)
 
@@ -38,30 +47,27 @@ def main(argv=None) -> list[dict]:
         grads = [p.grad for p in params]
         found_inf = torch.zeros(1, device=device)
         inv_scale = torch.ones(1, device=device)
-        inputs = [()]
-        kw = dict(min_runs=200, min_seconds=1.0, max_runs=4000, warmup=20)
 
         def torch_check():
             torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
 
-        base_check = measure(torch_check, inputs, device, **kw)
+        base_check = host_timing(torch_check, device)
         rows.append(row(f"nonfinite_counts, {n} tiny tensors", "torch._amp_foreach_non_finite_check",
-                        base_check, measure(lambda: nanops.nonfinite_counts(grads), inputs, device, **kw)))
+                        base_check, host_timing(lambda: nanops.nonfinite_counts(grads), device)))
         rows.append(row(f"all_finite, {n} tiny tensors", "torch._amp_foreach_non_finite_check",
-                        base_check, measure(lambda: nanops.all_finite(grads), inputs, device, **kw)))
-        base_clip = measure(lambda: torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=True), inputs, device, **kw)
+                        base_check, host_timing(lambda: nanops.all_finite(grads), device)))
+        base_clip = host_timing(lambda: torch.nn.utils.clip_grad_norm_(params, 10.0, foreach=True), device)
         rows.append(row(f"clip_grad_norm_, {n} tiny tensors", "torch clip_grad_norm_(foreach=True)", base_clip,
-                        measure(lambda: nanops.clip_grad_norm_(params, 10.0), inputs, device, **kw)))
+                        host_timing(lambda: nanops.clip_grad_norm_(params, 10.0), device)))
         rows.append(row(f"clip_grad_norm_ + AMP unscale, {n} tiny tensors", "torch clip_grad_norm_(foreach=True)",
-                        base_clip, measure(lambda: nanops.clip_grad_norm_(params, 10.0, inv_scale=inv_scale,
-                                                                         found_inf=found_inf), inputs, device, **kw)))
-    kw = dict(min_runs=200, min_seconds=1.0, max_runs=4000, warmup=20)
+                        base_clip, host_timing(lambda: nanops.clip_grad_norm_(params, 10.0, inv_scale=inv_scale,
+                                                                              found_inf=found_inf), device)))
     for needs_grad in (False, True):
         x = torch.randn(2, 8, device=device, requires_grad=needs_grad)
         what = "requires grad" if needs_grad else "no grad"
         rows.append(row(f"stable_softmax, (2, 8), {what}", "torch.softmax",
-                        measure(lambda: torch.softmax(x, -1), [()], device, **kw),
-                        measure(lambda: nanops.stable_softmax(x), [()], device, **kw)))
+                        host_timing(lambda: torch.softmax(x, -1), device),
+                        host_timing(lambda: nanops.stable_softmax(x), device)))
     return report("host", f"host overhead per call on {device} (tiny tensors)", device, rows)
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from timing import paired_ratio
+
+
 def out_root() -> Path:
     """Where results go: NANOPS_BENCH_OUT (run.py's --out), else ./nanops-bench of the current
     folder; never into the installed package or over the committed results unless asked."""
@@ -71,14 +74,18 @@ def write_results(name: str, device: torch.device, rows: list[dict], out_dir: Pa
 def print_table(title: str, rows: list[dict]) -> None:
     """One benchmark's rows, or the whole report's (rows that carry an "op" get an op column)."""
     with_op = any("op" in r for r in rows)
+    with_host = any("nanops_host_us" in r for r in rows)
     header = (f"{'op':<12} " if with_op else "") + \
-        f"{'case':<44} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'GB/s':>7}"
+        f"{'case':<44} {'baseline':<34} {'base ms':>9} {'nanops ms':>10} {'ratio':>7} {'target':>7} {'GB/s':>7}" + \
+        (f" {'host us base/nanops':>20}" if with_host else "")
     print(f"\n{title}\n{header}\n" + "-" * len(header))
     for r in rows:
         op = f"{r['op']:<12} " if with_op else ""
         gbps = f"{r['nanops_gbps']:.1f}" if r.get("nanops_gbps") else ""
+        target = f">={r['target']:.2f}" if r.get("target") else ""
+        host = f" {r['baseline_host_us']:>9.1f}/{r['nanops_host_us']:<10.1f}" if "nanops_host_us" in r else ""
         print(f"{op}{r['case'][:44]:<44} {r['baseline'][:34]:<34} {r['baseline_ms']:>9.3f} {r['nanops_ms']:>10.3f} "
-              f"{r['speedup']:>6.2f}x {gbps:>7}")
+              f"{r['speedup']:>6.2f}x {target:>7} {gbps:>7}{host}")
 
 
 def report(name: str, title: str, device: torch.device, rows: list[dict]) -> list[dict]:
@@ -89,13 +96,17 @@ def report(name: str, title: str, device: torch.device, rows: list[dict]) -> lis
 
 
 def row(case: str, baseline: str, base, ours, bytes_moved: int | None = None, **extra) -> dict:
-    """One comparison: speedup = baseline median / nanops median (> 1 means nanops is faster)."""
+    """One comparison: speedup = baseline time / nanops time (> 1 means nanops is faster): the
+    median of the per-round ratios when both were timed in the same rounds (timing.compare),
+    else the ratio of the medians."""
+    paired = bool(base.samples) and len(base.samples) == len(ours.samples)
     out = {
         "case": case,
         "baseline": baseline,
         "baseline_ms": base.median_ms,
         "nanops_ms": ours.median_ms,
-        "speedup": base.median_ms / ours.median_ms,
+        "speedup": 1.0 / paired_ratio(ours, base) if paired else base.median_ms / ours.median_ms,
+        "paired": paired,
         "baseline_timing": base.as_dict(),
         "nanops_timing": ours.as_dict(),
     }

@@ -39,24 +39,9 @@ std::vector<FlatView> flat_views(
     at::TensorList tensors, std::vector<at::Tensor>& copies, std::vector<int64_t>* non_dense) {
   std::vector<FlatView> views;
   views.reserve(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const at::Tensor& t = tensors[i];
-    if (t.numel() == 0 || !is_kernel_dtype(t.scalar_type())) {
-      continue;
-    }
-    // A permuted or transposed tensor still covers [data_ptr, data_ptr + numel) exactly
-    // (torch strides are never negative), so it needs no copy.
-    const at::Tensor* source = &t;
-    if (!t.is_non_overlapping_and_dense()) {
-      if (non_dense != nullptr) {
-        non_dense->push_back(static_cast<int64_t>(i));
-        continue;
-      }
-      copies.push_back(t.contiguous());
-      source = &copies.back();
-    }
-    views.push_back(FlatView{source->data_ptr(), source->numel(), source->scalar_type(), static_cast<int64_t>(i)});
-  }
+  for_each_flat(tensors, copies, non_dense, [&](const at::Tensor& t, int64_t index) {
+    views.push_back(FlatView{t.data_ptr(), t.numel(), t.scalar_type(), index});
+  });
   return views;
 }
 

@@ -20,16 +20,42 @@ struct FlatView {
 
 enum class IntegerTensors { Reject, CountAsFinite };
 
+// True for the dtypes the kernels read: float32, float16, bfloat16, float64.
+bool is_kernel_dtype(c10::ScalarType dtype);
+
 // Checks shared by the tensor-list ops: one device for the whole list, strided layout, a
 // supported dtype. Messages name `op` and the offending position.
 void check_tensor_list(at::TensorList tensors, const char* op, IntegerTensors integers);
 
-// True for the dtypes the kernels read: float32, float16, bfloat16, float64.
-bool is_kernel_dtype(c10::ScalarType dtype);
 
-// Flat views over the non-empty floating tensors of `tensors`. A tensor whose memory is not
-// one dense run (a strided slice, an expanded view) is copied on its own into `copies`, or,
-// when `non_dense` is given, listed there and left out (in-place ops handle those apart).
+// Calls view(t, i) with each non-empty floating tensor of `tensors` as one dense run of memory,
+// i its position in the list. A tensor whose memory is not one dense run (a strided slice, an
+// expanded view) is copied on its own into `copies`, or, when `non_dense` is given, listed there
+// and left out (in-place ops handle those apart).
+template <typename View>
+void for_each_flat(at::TensorList tensors, std::vector<at::Tensor>& copies, std::vector<int64_t>* non_dense,
+                   View&& view) {
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    if (t.numel() == 0 || !is_kernel_dtype(t.scalar_type())) {
+      continue;
+    }
+    // A permuted or transposed tensor still covers [data_ptr, data_ptr + numel) exactly
+    // (torch strides are never negative), so it needs no copy.
+    if (!t.is_non_overlapping_and_dense()) {
+      if (non_dense != nullptr) {
+        non_dense->push_back(static_cast<int64_t>(i));
+        continue;
+      }
+      copies.push_back(t.contiguous());
+      view(copies.back(), static_cast<int64_t>(i));
+      continue;
+    }
+    view(t, static_cast<int64_t>(i));
+  }
+}
+
+// for_each_flat's tensors as FlatViews.
 std::vector<FlatView> flat_views(
     at::TensorList tensors,
     std::vector<at::Tensor>& copies,

@@ -3,9 +3,11 @@
 `multi_head_attention` follows torch.nn.functional.multi_head_attention_forward step for step
 (input checks and their messages, projections, bias_k/bias_v, add_zero_attn, masks, dropout,
 averaged weights) and differs only where torch's answer is NaN:
-  * q·k logits are formed in float32 (float64 for float64 inputs) even under autocast, so a
+  * q·k logits are accumulated in float32 (float64 for float64 inputs) even under autocast, so a
     float16 product above 65504 no longer overflows to inf;
-  * the softmax is nanops.stable_softmax: a fully masked row gives zeros, not NaN.
+  * a fully masked row gives zero weights and a zero attention output, not NaN.
+Without need_weights the attention is fused (nanops.fused_attention: no L x S tensor); with them,
+float32 logits (from 16-bit GEMMs on CUDA) go through nanops.stable_softmax.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from . import _torch_private as private
+from .fused_attention import fused_attention
 from .ops import stable_softmax
 
 
@@ -102,6 +106,48 @@ def _check_mask_shapes(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src
                                  f"{key_padding_mask.shape[1]}")
 
 
+class _Logits16(torch.autograd.Function):
+    """q·kᵀ of 16-bit q and k as float32 logits, from 16-bit GEMMs with a float32 output (tensor
+    cores, no float32 copies of q and k). Its own autograd: torch has no derivative for bmm's
+    out_dtype form. The logits' gradient goes back in q's dtype, as it does in torch's attention."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(q, k)
+        if q.is_cuda:
+            return torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32)
+        return torch.bmm(q.float(), k.float().transpose(1, 2))  # CPU: no such GEMM (tests only)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q, k = ctx.saved_tensors
+        g = grad.to(q.dtype)
+        grad_q = torch.bmm(g, k) if ctx.needs_input_grad[0] else None
+        grad_k = torch.bmm(g.transpose(1, 2), q) if ctx.needs_input_grad[1] else None
+        return grad_q, grad_k
+
+
+def _has_16bit_gemm_to_float32() -> bool:
+    global _GEMM_TO_FLOAT32
+    if _GEMM_TO_FLOAT32 is None:
+        _GEMM_TO_FLOAT32 = private.has_kernel("aten::bmm.dtype", "CUDA")
+    return _GEMM_TO_FLOAT32
+
+
+_GEMM_TO_FLOAT32: bool | None = None
+
+
+def attention_logits(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q (B, L, E) · k (B, S, E)ᵀ as (B, L, S) logits in float32 (float64 for float64 inputs),
+    whatever autocast says: a float16 q·k overflows to inf above 65504."""
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        if q.is_cuda and q.dtype == k.dtype and q.dtype in (torch.float16, torch.bfloat16) \
+                and _has_16bit_gemm_to_float32():
+            return _Logits16.apply(q, k)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        return torch.bmm(q.to(acc), k.to(acc).transpose(1, 2))
+
+
 def _project(query, key, value, mha) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if mha._qkv_same_embed_dim:
         w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
@@ -121,16 +167,21 @@ def multi_head_attention(
     attn_mask: torch.Tensor | None = None,
     average_attn_weights: bool = True,
     is_causal: bool = False,
+    projected: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The forward of `mha` (an nn.MultiheadAttention's parameters and options), sequence first.
 
     query (L, N, E) or unbatched (L, E); key/value (S, N, kdim/vdim) or (S, kdim/vdim).
+    projected: q, k, v already through mha's in-projection (shaped as query, key, value with E
+    features), when the caller folded it into its own projection (see nanops.layer).
     Returns the output (L, N, E) and, with need_weights, the attention weights (N, L, S) averaged
     over heads, or (N, num_heads, L, S) with average_attn_weights=False (no N when unbatched).
     """
     is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask, mha.num_heads)
     if not is_batched:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if projected is not None:
+            projected = tuple(t.unsqueeze(1) for t in projected)
         if key_padding_mask is not None:
             key_padding_mask = key_padding_mask.unsqueeze(0)
     _check_mask_dtype(key_padding_mask, "key_padding_mask")
@@ -160,7 +211,7 @@ def multi_head_attention(
         raise AssertionError(f"key's sequence and batch dims {key.shape[:2]} do not match value's {value.shape[:2]}")
     _check_mask_shapes(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, key.shape[0])
 
-    q, k, v = _project(query, key, value, mha)
+    q, k, v = _project(query, key, value, mha) if projected is None else projected
     if mha.bias_k is not None and mha.bias_v is not None:
         k = torch.cat([k, mha.bias_k.repeat(1, bsz, 1)])
         v = torch.cat([v, mha.bias_v.repeat(1, bsz, 1)])
@@ -176,19 +227,28 @@ def multi_head_attention(
         attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
         key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
     src_len = k.shape[1]
-
-    # float32 logits whatever autocast says: a float16 q.k overflows to inf above 65504.
-    with torch.autocast(device_type=q.device.type, enabled=False):
-        acc = torch.promote_types(q.dtype, torch.float32)
-        logits = torch.bmm(q.to(acc), k.to(acc).transpose(1, 2)).view(bsz, num_heads, tgt_len, src_len)
+    scale = 1.0 / math.sqrt(head_dim)
+    dropout_p = mha.dropout if mha.training else 0.0
     mask = combined_mask(attn_mask, key_padding_mask, bsz, num_heads, tgt_len, src_len)
-    if causal:  # scaled_dot_product_attention's is_causal: position j takes part for j <= i
-        mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril()
-    probs = stable_softmax(logits, -1, scale=1.0 / math.sqrt(head_dim), mask=mask).view(bsz * num_heads, tgt_len,
-                                                                                        src_len)
-    if mha.dropout > 0.0 and mha.training:
-        probs = F.dropout(probs, p=mha.dropout)
-    out = torch.bmm(probs.to(v.dtype), v).transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
+
+    out = None
+    if not need_weights:
+        # Nothing needs the (L, S) weights: a fused kernel with float32 accumulators, when one
+        # takes the call (else the stable path below).
+        out = fused_attention(q.view(bsz, num_heads, tgt_len, head_dim), k.view(bsz, num_heads, src_len, head_dim),
+                              v.view(bsz, num_heads, src_len, head_dim), mask, scale=scale, dropout_p=dropout_p,
+                              causal=causal)
+    probs = None
+    if out is None:
+        logits = attention_logits(q, k).view(bsz, num_heads, tgt_len, src_len)
+        if causal:  # scaled_dot_product_attention's is_causal: position j takes part for j <= i
+            mask = torch.ones(tgt_len, src_len, dtype=torch.bool, device=q.device).tril()
+        probs = stable_softmax(logits, -1, scale=scale, mask=mask).view(bsz * num_heads, tgt_len, src_len)
+        dropped = F.dropout(probs, p=dropout_p) if dropout_p > 0.0 else probs
+        out = torch.bmm(dropped.to(v.dtype), v)
+    else:
+        out = out.view(bsz * num_heads, tgt_len, head_dim)
+    out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
     out = F.linear(out, mha.out_proj.weight, mha.out_proj.bias).view(tgt_len, bsz, -1)
 
     weights = None

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .attention import multi_head_attention
+from .transformer_layer import transformer_layer
 
 
 def _autopad(k: int, p: int | None = None, d: int = 1) -> int:
@@ -79,10 +80,11 @@ class MultiheadAttention(nn.MultiheadAttention):
 
 
 class TransformerLayer(nn.Module):
-    """yolov5's TransformerLayer (no LayerNorm), with NaN-free attention.
+    """yolov5's TransformerLayer (no LayerNorm), with NaN-free, fused attention.
 
     Input and output: (L, N, C), sequence first, or unbatched (L, C). ``ma`` is nanops'
-    MultiheadAttention, so state_dicts match yolov5's.
+    MultiheadAttention, so state_dicts match yolov5's. The forward folds the stacked
+    projections (nanops.transformer_layer): three token GEMMs where yolov5 runs nine.
     """
 
     def __init__(self, c: int, num_heads: int):
@@ -97,9 +99,7 @@ class TransformerLayer(nn.Module):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (L, N, C) or (L, C). Optional masks as in nn.MultiheadAttention (off by default)."""
-        x = self.ma(self.q(x), self.k(x), self.v(x), key_padding_mask=key_padding_mask, need_weights=False,
-                    attn_mask=attn_mask)[0] + x
-        return self.fc2(self.fc1(x)) + x
+        return transformer_layer(self, x, attn_mask, key_padding_mask)
 
 
 class TransformerBlock(nn.Module):

@@ -16,12 +16,16 @@ TOOLS = 3
 TOP = 4
 
 
+OPS_MODULES = ("ops", "clip", "attention", "fused_attention", "transformer_layer", "nn", "patching", "_loader",
+               "_distributed", "_torch_private", "_C")
+
+
 def _layer(module: str) -> int:
     parts = module.split(".")
     if len(parts) == 1:
         return TOP
     head = parts[1]
-    if head in ("ops", "clip", "attention", "nn", "patching", "_loader", "_distributed", "_C"):
+    if head in OPS_MODULES:
         return OPS
     if head == "training":
         return TRAINING
@@ -70,8 +74,7 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_every_module_has_a_layer():
     assert len(SOURCES) > 20
     heads = {_module_name(p).split(".")[1] for p in SOURCES if "." in _module_name(p)}
-    assert heads <= {"ops", "clip", "attention", "nn", "patching", "_loader", "_distributed", "training", "yolov5", "ultralytics",
-                     "tools", "cli", "__main__"}, heads
+    assert heads <= {*OPS_MODULES, "training", "yolov5", "ultralytics", "tools", "cli", "__main__"}, heads
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))

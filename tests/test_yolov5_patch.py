@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nanops
-from nanops.patching import PatchedMultiheadAttention
+from nanops.patching import PatchedMultiheadAttention, PatchedWeightlessAttention
 from nanops.yolov5 import build_transformer_model, patch, unpatch
 
 
@@ -26,7 +26,11 @@ def test_patch_switches_the_attention_in_place_and_keeps_outputs():
     layer = next(m for m in model.modules() if type(m).__name__ == "TransformerLayer")
     assert patch(model) == 1
     assert patch(model) == 0  # idempotent
-    assert type(layer.ma) is PatchedMultiheadAttention and type(layer).__module__.startswith("yolov5")
+    # yolov5's layer keeps only [0] of the attention's result: the fused, weightless variant
+    assert type(layer.ma) is PatchedWeightlessAttention
+    # the layer runs nanops' folded forward, and is still yolov5's class (a subclass of it)
+    assert type(layer).__name__ == "PatchedTransformerLayer" and layer._original_class.__module__.startswith("yolov5")
+    assert isinstance(layer, layer._original_class)
     assert all(a is b for a, b in zip(model.parameters(), params_before))  # the same Parameter objects
     assert not layer.ma.training
     with torch.no_grad():
@@ -70,7 +74,7 @@ def test_patched_checkpoint_is_plain_and_no_larger():
     assert type(_attention_modules(loaded)[0]) is torch.nn.MultiheadAttention
     # deepcopy (EMA) stays patched; no bound method of anything old is carried along.
     twin = copy.deepcopy(model)
-    assert type(_attention_modules(twin)[0]) is PatchedMultiheadAttention
+    assert type(_attention_modules(twin)[0]) is PatchedWeightlessAttention
     twin.double()
     assert next(model.parameters()).dtype == torch.float32
 

@@ -92,6 +92,26 @@ __device__ __forceinline__ void store_pack(T* p, const Pack<T, kCount>& pack) {
   *reinterpret_cast<Pack<T, kCount>*>(p) = pack;
 }
 
+// 16-byte packs read or written with the streaming cache hint (ld.global.cs / st.global.cs:
+// evict first), for data touched once, so that it does not push out what is read again (a
+// broadcast mask, the next kernel's inputs).
+template <typename T, int kCount>
+__device__ __forceinline__ Pack<T, kCount> load_pack_streaming(const T* p) {
+  static_assert(sizeof(Pack<T, kCount>) == 16, "streaming packs are 16 bytes");
+  const uint4 raw = __ldcs(reinterpret_cast<const uint4*>(p));
+  Pack<T, kCount> out;
+  __builtin_memcpy(&out, &raw, 16);
+  return out;
+}
+
+template <typename T, int kCount>
+__device__ __forceinline__ void store_pack_streaming(T* p, const Pack<T, kCount>& pack) {
+  static_assert(sizeof(Pack<T, kCount>) == 16, "streaming packs are 16 bytes");
+  uint4 raw;
+  __builtin_memcpy(&raw, &pack, 16);
+  __stcs(reinterpret_cast<uint4*>(p), raw);
+}
+
 // Calls fn(T{}) with the device type of `type` (__half and __nv_bfloat16 for the 16-bit ones).
 template <typename Fn>
 inline void with_elem_type(ElemType type, Fn&& fn) {

@@ -32,9 +32,9 @@ void set_found_inf(const std::optional<at::Tensor>& found_inf, const char* op, c
 void scale_list(at::TensorList tensors, const at::Tensor& coef) {
   std::vector<at::Tensor> unused;
   std::vector<int64_t> non_dense;
-  const std::vector<FlatView> views = flat_views(tensors, unused, &non_dense);
+  const std::vector<cuda::DeviceView> views = cuda::device_views(tensors, unused, &non_dense);
   for (const int64_t i : non_dense) scale_non_dense(tensors[i], coef);
-  C10_CUDA_CHECK(cuda::launch_scale_tensors(cuda::device_views(views), coef.const_data_ptr<double>(),
+  C10_CUDA_CHECK(cuda::launch_scale_tensors(views, coef.const_data_ptr<double>(),
                                             c10::cuda::getCurrentCUDAStream()));
 }
 
@@ -42,7 +42,7 @@ void scale_list(at::TensorList tensors, const at::Tensor& coef) {
 void launch_norm(at::TensorList tensors, double norm_type, const cuda::ScalarArg& inv_scale,
                  const cuda::NormOutputs& out) {
   std::vector<at::Tensor> copies;  // non-dense tensors, read through a contiguous copy
-  const std::vector<cuda::DeviceView> views = cuda::device_views(flat_views(tensors, copies));
+  const std::vector<cuda::DeviceView> views = cuda::device_views(tensors, copies);
   at::Tensor scratch = at::empty({cuda::grad_norm_scratch_doubles(views)}, tensors[0].options().dtype(at::kDouble));
   C10_CUDA_CHECK(cuda::launch_grad_norm(views, norm_kind(norm_type), norm_type, inv_scale,
                                         scratch.data_ptr<double>(), out, c10::cuda::getCurrentCUDAStream()));

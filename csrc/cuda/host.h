@@ -23,10 +23,14 @@ inline ElemType elem_type(c10::ScalarType dtype) {
   }
 }
 
-inline std::vector<DeviceView> device_views(const std::vector<FlatView>& views) {
+// The launch views of `tensors` (see for_each_flat), built in one pass: no FlatView list first.
+inline std::vector<DeviceView> device_views(at::TensorList tensors, std::vector<at::Tensor>& copies,
+                                            std::vector<int64_t>* non_dense = nullptr) {
   std::vector<DeviceView> out;
-  out.reserve(views.size());
-  for (const FlatView& v : views) out.push_back(DeviceView{v.data, v.numel, v.index, elem_type(v.dtype)});
+  out.reserve(tensors.size());
+  for_each_flat(tensors, copies, non_dense, [&](const at::Tensor& t, int64_t index) {
+    out.push_back(DeviceView{t.data_ptr(), t.numel(), index, elem_type(t.scalar_type())});
+  });
   return out;
 }
 

@@ -92,8 +92,8 @@ cudaError_t launch_clip_coef(const double* rows, int64_t n, NormKind kind, doubl
 // float32 elements); nothing is written when it is 1.
 cudaError_t launch_scale_tensors(const std::vector<DeviceView>& views, const double* coef, cudaStream_t stream);
 
-// Rows that launch_softmax_* can take in one launch.
-bool softmax_rows_fit(int64_t rows);
+// Whether launch_softmax_* can take `rows` rows of `len` elements in one launch.
+bool softmax_rows_fit(int64_t rows, int64_t len);
 
 // y = softmax(scale * x + mask) over rows of `len` contiguous elements of `type`.
 cudaError_t launch_softmax_forward(ElemType type, const void* x, void* y, int64_t rows, int64_t len, double scale,

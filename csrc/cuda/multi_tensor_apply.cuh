@@ -5,8 +5,9 @@
 // in a CUDA graph). CUDA 12.1+ on Volta and newer takes 32764 bytes of parameters, so a table
 // holds 1152 tensors and any number of chunks: a block finds its tensor by a binary search over
 // the tensors' first chunk numbers. yolov5s's 182 grads and a 1e9-element tensor are one launch
-// each; only lists longer than 1152 tensors take more. Short lists use a 64-entry table, so the
-// driver copies 1.5 KB of parameters per launch instead of 28 KB. Tensors of different dtypes
+// each; only lists longer than 1152 tensors take more. Shorter lists use a 64- or 256-entry table,
+// so the driver copies 1.5 KB (or 6.4 KB: yolov5s's 182 grads) of parameters per launch instead
+// of 28 KB: the launch's host time grows with the parameter block. Tensors of different dtypes
 // share a launch: each slot carries its dtype, switched on once per block.
 #pragma once
 
@@ -27,6 +28,7 @@ constexpr int kBlockThreads = 512;
 constexpr int kMinBlocksPerSM = 4;
 constexpr int kMaxKernelParamBytes = 32764;  // CUDA >= 12.1, compute capability >= 7.0
 constexpr int kSmallTable = 64;
+constexpr int kMidTable = 256;
 constexpr int kLargeTable = 1152;
 
 template <int kCapacity>
@@ -117,12 +119,15 @@ cudaError_t multi_tensor_launches(const std::vector<DeviceView>& views, cudaStre
 template <typename Op>
 cudaError_t multi_tensor_apply(const std::vector<DeviceView>& views, cudaStream_t stream, const Op& op) {
   if (views.size() <= static_cast<size_t>(kSmallTable)) return multi_tensor_launches<kSmallTable>(views, stream, op);
+  if (views.size() <= static_cast<size_t>(kMidTable)) return multi_tensor_launches<kMidTable>(views, stream, op);
   return multi_tensor_launches<kLargeTable>(views, stream, op);
 }
 
 // Number of launches multi_tensor_apply makes for `views` (reported by the benchmarks).
 inline int64_t multi_tensor_launch_count(const std::vector<DeviceView>& views) {
-  const int64_t capacity = views.size() <= static_cast<size_t>(kSmallTable) ? kSmallTable : kLargeTable;
+  const int64_t capacity = views.size() <= static_cast<size_t>(kSmallTable) ? kSmallTable
+                           : views.size() <= static_cast<size_t>(kMidTable) ? kMidTable
+                                                                             : kLargeTable;
   return views.empty() ? 0 : (static_cast<int64_t>(views.size()) + capacity - 1) / capacity;
 }
 

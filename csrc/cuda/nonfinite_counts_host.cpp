@@ -18,9 +18,9 @@ at::Tensor nonfinite_counts_cuda(at::TensorList tensors) {
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   at::Tensor out = at::zeros({static_cast<int64_t>(tensors.size()), 3}, tensors[0].options().dtype(at::kLong));
   std::vector<at::Tensor> copies;  // non-dense tensors only; freed stream-ordered after the launch
-  const std::vector<FlatView> views = flat_views(tensors, copies);
+  const std::vector<cuda::DeviceView> views = cuda::device_views(tensors, copies);
   auto* counts = reinterpret_cast<unsigned long long*>(out.data_ptr<int64_t>());
-  C10_CUDA_CHECK(cuda::launch_nonfinite_counts(cuda::device_views(views), counts, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_nonfinite_counts(views, counts, c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 
@@ -35,14 +35,14 @@ at::Tensor nonfinite_flag_into(at::TensorList tensors, const char* op, c10::Scal
   at::Tensor out = at::empty(shape, tensors[0].options().dtype(dtype));
   C10_CUDA_CHECK(cudaMemsetAsync(out.data_ptr(), initial_byte, out.nbytes(), stream));
   std::vector<at::Tensor> copies;
-  const std::vector<FlatView> views = flat_views(tensors, copies);
+  const std::vector<cuda::DeviceView> views = cuda::device_views(tensors, copies);
   cuda::FlagOut flag{nullptr, nullptr};
   if (dtype == at::kBool) {
     flag.as_bool = out.data_ptr<bool>();
   } else {
     flag.as_float = out.data_ptr<float>();
   }
-  C10_CUDA_CHECK(cuda::launch_nonfinite_flag(cuda::device_views(views), flag, stream));
+  C10_CUDA_CHECK(cuda::launch_nonfinite_flag(views, flag, stream));
   return out;
 }
 

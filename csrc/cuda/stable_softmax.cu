@@ -1,22 +1,29 @@
-// CUDA kernels of nanops::stable_softmax and its backward. Host side: stable_softmax_host.cpp.
+// CUDA kernels of nanops::stable_softmax and its backward. Row math: softmax_row.cuh. Host
+// side: stable_softmax_host.cpp.
 //
-// Rows up to 2048 long (float32 and 16-bit): a group of lanes per row, the row held in registers
-// (PersistentSoftmax's shape): every x and mask element of the group's rows is loaded, 16 bytes
-// at a time where aligned, before any is used; exp once per element; the sum's reciprocal
-// multiplied in. Rows of at most 128 get two rows per group (and groups narrower than a warp for
-// rows under 32), so short rows still keep every lane busy. Longer rows: a block per row, the
-// scaled and masked logits cached in shared memory (DRAM read once, exp once), or, for rows
-// beyond shared memory, an online max/sum pass and a write pass.
+// Rows whose 16-byte packs fit 32 lanes x kPacks (float32 up to 2048 elements, 16-bit likewise):
+// the warp kernels, `width` lanes per row (32, or a power of two under it for short rows, several
+// rows per warp), the row held in registers as exactly as many packs as it spans (L = 1600
+// float16: 7 packs of 8 per lane, not a power-of-two 2048). Every x and mask element of a lane
+// is loaded before the first is used; one NaN-propagating max per row tells ordinary rows from
+// special ones (one warp reduction, not three); exp is one FFMA + EX2 with scale * log2(e) folded
+// in; x and y move with streaming cache hints, the mask (broadcast over batch and heads) with
+// the default ones, so it stays in L2 for the next head. Longer rows and float64: a block per
+// row, the row's logits cached in shared memory as conflict-free 16-byte chunks, or, past shared
+// memory, an online max/sum pass and a write pass.
 //
-// The mask kind, its element type and whether it is read as vectors are template parameters:
-// the inner loops hold no run-time switch. A row's mask offset is computed once per row
-// (MaskIndexer: multiply-high divisions, no int64 div/mod).
+// Template parameters: the element type, the mask kind and (warp kernels) the packs per lane;
+// alignment, vector mask reads and row widths are run-time flags, uniform over a launch, so the
+// library holds a few dozen kernels instead of one per combination.
 #include <algorithm>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 
 #include "cuda/block_reduce.cuh"
 #include "cuda/elem.cuh"
 #include "cuda/launch.h"
+#include "cuda/softmax_row.cuh"
 #include "softmax_mask.h"
 
 namespace nanops::cuda {
@@ -26,479 +33,493 @@ constexpr int kWarpBlockThreads = 128;
 constexpr int kRowBlockThreads = 512;
 constexpr int64_t kMaxRowBlocks = 1 << 20;
 
-template <typename A>
-__device__ __forceinline__ A infinity() {
-  return static_cast<A>(INFINITY);
+// The most packs per lane the warp kernels are built for; longer rows take the block kernels.
+template <typename T>
+constexpr int max_warp_packs() {
+  return std::is_same_v<T, double> ? 0 : pack_elems<T>() == 4 ? 16 : 8;
 }
 
-// exp(d) for d = z - max <= 0: one MUFU.EX2 in float32 (log2(e) folded into the argument, a
-// product of a small number, so no precision is lost to large logits).
-__device__ __forceinline__ float exp_shifted(float d) { return exp2f(d * 1.4426950408889634f); }
-__device__ __forceinline__ double exp_shifted(double d) { return exp(d); }
-
-// What one mask element is stored as.
-template <MaskKind kKind, typename T>
-struct MaskElem {
-  using type = bool;  // None: never read
-};
-template <typename T>
-struct MaskElem<MaskKind::Additive, T> {
-  using type = acc_t<T>;
-};
-template <typename T>
-struct MaskElem<MaskKind::AdditiveLikeX, T> {
-  using type = T;
-};
-
-template <typename A, typename M>
-__device__ __forceinline__ A widen_mask(M m) {
-  if constexpr (std::is_same_v<M, A> || std::is_same_v<M, bool>) {
-    return static_cast<A>(m);
-  } else {
-    return Elem<M>::widen(m);
+// The logits of pack `pack` of row xr (exp domain; -inf outside the row). raw: x itself (the
+// caller folds the scale into the exp). A full pack, the common case, is one vector load and no
+// per-element bounds test.
+template <MaskKind kKind, typename T, typename M, typename A, int V>
+__device__ __forceinline__ void row_logits(const RowPacks<T>& packs, const T* xr, int pack, const M* mrow,
+                                           int64_t mask_stride, bool mask_vec, A scale_log2, bool raw, A (&z)[V]) {
+  const int s = packs.start(pack);
+  M m[V] = {};
+  if (packs.full(pack)) {
+    const Pack<T, V> xp = load_pack_streaming<T, V>(xr + s);
+    if constexpr (kKind != MaskKind::None) load_mask<M, V>(mrow, s, packs.len, mask_stride, mask_vec, m);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A xk = static_cast<A>(Elem<T>::widen(xp.v[k]));
+      z[k] = raw ? xk : logit<kKind>(xk, scale_log2, m[k]);
+    }
+    return;
   }
-}
-
-// scale * x, then the mask: -inf where a bool mask is False; an additive entry added, a -inf one
-// masking the position even where the logit is +inf or NaN (as False in a bool mask).
-template <MaskKind kKind, typename A, typename M>
-__device__ __forceinline__ A masked_logit(A x, A scale, M m) {
-  const A z = scale * x;
-  if constexpr (kKind == MaskKind::None) {
-    return z;
-  } else if constexpr (kKind == MaskKind::Bool) {
-    return m ? z : -infinity<A>();
-  } else {
-    const A add = widen_mask<A>(m);
-    return add == -infinity<A>() ? add : z + add;
+  if constexpr (kKind != MaskKind::None) load_mask<M, V>(mrow, s, packs.len, mask_stride, false, m);
+#pragma unroll
+  for (int k = 0; k < V; ++k) {
+    const int j = s + k;
+    if (packs.j_in_row(j)) {
+      const A xk = static_cast<A>(Elem<T>::widen(xr[j]));
+      z[k] = raw ? xk : logit<kKind>(xk, scale_log2, m[k]);
+    } else {
+      z[k] = -infinity<A>();
+    }
   }
-}
-
-// A row's statistics: NaN anywhere, how many +inf, and the max.
-template <typename A>
-struct RowStats {
-  int nan;
-  int pos_inf;
-  A max;
-
-  __device__ __forceinline__ void add(A z) {
-    nan |= isnan(z);
-    pos_inf += z == infinity<A>();
-    max = z > max ? z : max;
-  }
-  // Rows needing the special rules: NaN, +inf logits, or nothing taking part.
-  __device__ __forceinline__ bool special() const { return nan || pos_inf > 0 || max == -infinity<A>(); }
-
-  // The special rules, for one logit.
-  __device__ __forceinline__ A special_prob(A z) const {
-    if (nan) return static_cast<A>(NAN);
-    if (pos_inf > 0) return z == infinity<A>() ? A(1) / static_cast<A>(pos_inf) : A(0);
-    return A(0);  // nothing takes part
-  }
-};
-
-template <typename T>
-constexpr int max_vec() {
-  return 16 / static_cast<int>(sizeof(T));
 }
 
 // ---------------------------------------------------------------------------------------------
-// Warp kernels: rows of at most 2^kLog2 elements.
+// Warp kernels
 // ---------------------------------------------------------------------------------------------
-template <int kLog2>
-struct WarpShape {
-  static constexpr int kElems = 1 << kLog2;
-  static constexpr int kWidth = kElems < kWarpSize ? kElems : kWarpSize;  // lanes per row
-  static constexpr int kIters = kElems / kWidth;                          // elements per lane
-  static constexpr int kRows = kElems <= 128 ? 2 : 1;                     // rows per group
-  static constexpr int kGroups = kWarpBlockThreads / kWidth;              // groups per block
-  static constexpr int kRowsPerBlock = kGroups * kRows;
-};
 
-template <typename T, MaskKind kKind, int kLog2, bool kVectorized, bool kMaskVec>
+// y = softmax(scale * x + mask) per row. scale_log2 = scale * log2(e). Flags: y_aligned (y's rows
+// have x's misalignment), mask_vec (mask rows aligned like x's packs), width_log2 (lanes per row
+// when kPacks == 1; else 32).
+template <typename T, MaskKind kKind, int kPacks>
 __global__ void __launch_bounds__(kWarpBlockThreads)
-    softmax_forward_warp(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int len, acc_t<T> scale,
-                         const void* __restrict__ mask, const MaskIndexer index) {
-  using A = acc_t<T>;
+    softmax_forward_warp(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int len, float scale_log2,
+                         const void* __restrict__ mask, const MaskIndexer index, int width_log2, bool y_aligned,
+                         bool mask_vec) {
   using M = typename MaskElem<kKind, T>::type;
-  using S = WarpShape<kLog2>;
-  constexpr int kVec = kVectorized ? (max_vec<T>() < S::kIters ? max_vec<T>() : S::kIters) : 1;
-  constexpr int kPacks = S::kIters / kVec;
-  constexpr int kMaskVecN = kMaskVec ? kVec : 1;
-  const int group = threadIdx.x / S::kWidth;
-  const int lane = threadIdx.x % S::kWidth;
-  const int64_t first_row = (static_cast<int64_t>(blockIdx.x) * S::kGroups + group) * S::kRows;
+  using R = RowPacks<T>;
+  constexpr int V = R::kVec;
+  const int shift = kPacks > 1 ? 5 : width_log2;
+  const int width = 1 << shift;
+  const int lane = threadIdx.x & (width - 1);
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kWarpBlockThreads + threadIdx.x) >> shift;
+  const bool active = row < rows;
+  const T* xr = x + (active ? row : 0) * len;
+  const R packs{misalignment(xr), len};
+  const int count = packs.count();
+  const M* mrow = nullptr;
+  if constexpr (kKind != MaskKind::None) {
+    mrow = static_cast<const M*>(mask) + (active ? index.row_offset(row) : 0);
+  }
+  // No mask and a positive scale: z keeps x itself, the max is taken on x, and the scale enters
+  // the exp's FFMA (FlashAttention's one FFMA + EX2 per element).
+  const bool raw = kKind == MaskKind::None && scale_log2 > 0.0f;
 
-  // The group's rows: every x pack and mask element is loaded and turned into a logit in
-  // straight-line code (no run-time switch, no dependence between elements), so the loads of a
-  // row are all issued before the first logit is formed.
-  A z[S::kRows][S::kIters];
-  RowStats<A> stats[S::kRows];
+  float z[kPacks][V];
+  float row_max = -infinity<float>();
 #pragma unroll
-  for (int r = 0; r < S::kRows; ++r) {
-    const int64_t row = first_row + r;
-    const bool row_ok = row < rows;
-    const M* mrow = nullptr;
-    if constexpr (kKind != MaskKind::None) {
-      mrow = static_cast<const M*>(mask) + (row_ok ? index.row_offset(row) : 0);
+  for (int i = 0; i < kPacks; ++i) {
+    const int pack = i * width + lane;
+    if (active && pack < count) {
+      row_logits<kKind>(packs, xr, pack, mrow, index.inner_stride, mask_vec, scale_log2, raw, z[i]);
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) z[i][k] = -infinity<float>();
     }
-    stats[r] = RowStats<A>{0, 0, -infinity<A>()};
 #pragma unroll
-    for (int v = 0; v < kPacks; ++v) {
-      const int j = (v * S::kWidth + lane) * kVec;
-      const bool ok = row_ok && j < len;
-      const Pack<T, kVec> xp = ok ? load_pack<T, kVec>(x + row * len + j) : Pack<T, kVec>{};
-      M m[kVec] = {};
-      if constexpr (kKind != MaskKind::None) {
-        if constexpr (kMaskVec) {
-          const Pack<M, kMaskVecN> mp = ok ? load_pack<M, kMaskVecN>(mrow + j) : Pack<M, kMaskVecN>{};
+    for (int k = 0; k < V; ++k) row_max = max_nan(row_max, z[i][k]);
+  }
+  row_max = kPacks > 1 ? warp_reduce(row_max, MaxNanOp{}) : warp_reduce_width(row_max, width, MaxNanOp{});
+  const float max_z = raw ? row_max * scale_log2 : row_max;
+  const bool ordinary = ordinary_max(max_z);
+
+  // Branches on `ordinary` and `raw` are uniform over a row: each loop below is straight-line
+  // code (an ordinary element costs FFMA + EX2 + FADD, then one FMUL on the way out).
+  float sum = 0.0f;
+  int pos_inf = 0;
+  if (ordinary && raw) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) m[k] = mp.v[k];
-        } else {
+    for (int i = 0; i < kPacks; ++i) {
 #pragma unroll
-          for (int k = 0; k < kVec; ++k) m[k] = ok ? mrow[(j + k) * index.inner_stride] : M{};
-        }
+      for (int k = 0; k < V; ++k) {
+        z[i][k] = exp2_fast(fmaf(z[i][k], scale_log2, -max_z));
+        sum += z[i][k];
       }
+    }
+  } else if (ordinary) {
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        A& zi = z[r][v * kVec + k];
-        zi = ok ? masked_logit<kKind>(Elem<T>::widen(xp.v[k]), scale, m[k]) : -infinity<A>();
-        stats[r].add(zi);
+    for (int i = 0; i < kPacks; ++i) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        z[i][k] = exp2_fast(z[i][k] - max_z);
+        sum += z[i][k];
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < kPacks; ++i) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (raw) z[i][k] *= scale_log2;
+        pos_inf += z[i][k] == infinity<float>();
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < S::kRows; ++r) {
-    stats[r].nan = warp_reduce<S::kWidth>(stats[r].nan, MaxOp{});
-    stats[r].pos_inf = warp_reduce<S::kWidth>(stats[r].pos_inf, SumOp{});
-    stats[r].max = warp_reduce<S::kWidth>(stats[r].max, MaxOp{});
+  // Every lane takes part in the shuffles, whatever its row.
+  sum = kPacks > 1 ? warp_reduce(sum, SumOp{}) : warp_reduce_width(sum, width, SumOp{});
+  if (__any_sync(0xffffffffu, !ordinary)) {
+    pos_inf = kPacks > 1 ? warp_reduce(pos_inf, SumOp{}) : warp_reduce_width(pos_inf, width, SumOp{});
   }
-
+  if (!active) return;
+  const float inv_sum = 1.0f / sum;
+  T* yr = y + row * len;
 #pragma unroll
-  for (int r = 0; r < S::kRows; ++r) {
-    const int64_t row = first_row + r;
-    // Groups of one warp may differ in specialness: the shuffle below runs in every lane.
-    const bool ordinary = !stats[r].special();
-    A sum = 0;
+  for (int i = 0; i < kPacks; ++i) {
+    const int pack = i * width + lane;
+    if (pack >= count) continue;
+    float out[V];
+    if (ordinary) {
 #pragma unroll
-    for (int i = 0; i < S::kIters; ++i) {
-      if (ordinary) z[r][i] = exp_shifted(z[r][i] - stats[r].max);  // padding: exp(-inf) = 0
-      sum += ordinary ? z[r][i] : A(0);
+      for (int k = 0; k < V; ++k) out[k] = z[i][k] * inv_sum;
+    } else {
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = special_prob(z[i][k], max_z, pos_inf);
     }
-    const A inv_sum = A(1) / warp_reduce<S::kWidth>(sum, SumOp{});
-    if (row >= rows) continue;
-#pragma unroll
-    for (int v = 0; v < kPacks; ++v) {
-      const int j = (v * S::kWidth + lane) * kVec;
-      if (j >= len) continue;
-      Pack<T, kVec> out;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const A zi = z[r][v * kVec + k];
-        out.v[k] = Elem<T>::narrow(ordinary ? zi * inv_sum : stats[r].special_prob(zi));
-      }
-      store_pack<T, kVec>(y + row * len + j, out);
-    }
+    packs.store(yr, pack, out, y_aligned);
   }
 }
 
-template <typename T, int kLog2, bool kVectorized>
+// grad_x = scale * y * (grad_y - sum(grad_y * y)) per row. same_layout: grad_y, y and grad_x
+// share their misalignment (else grad_y and y are read element by element).
+template <typename T, int kPacks>
 __global__ void __launch_bounds__(kWarpBlockThreads)
     softmax_backward_warp(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ grad_x,
-                          int64_t rows, int len, acc_t<T> scale) {
-  using A = acc_t<T>;
-  using S = WarpShape<kLog2>;
-  constexpr int kVec = kVectorized ? (max_vec<T>() < S::kIters ? max_vec<T>() : S::kIters) : 1;
-  constexpr int kPacks = S::kIters / kVec;
-  const int group = threadIdx.x / S::kWidth;
-  const int lane = threadIdx.x % S::kWidth;
-  const int64_t first_row = (static_cast<int64_t>(blockIdx.x) * S::kGroups + group) * S::kRows;
+                          int64_t rows, int len, float scale, int width_log2, bool same_layout) {
+  using R = RowPacks<T>;
+  constexpr int V = R::kVec;
+  const int shift = kPacks > 1 ? 5 : width_log2;
+  const int width = 1 << shift;
+  const int lane = threadIdx.x & (width - 1);
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kWarpBlockThreads + threadIdx.x) >> shift;
+  const bool active = row < rows;
+  const int64_t base = (active ? row : 0) * len;
+  const R packs{misalignment(grad_x + base), len};
+  const int count = packs.count();
 
-  Pack<T, kVec> gs[S::kRows][kPacks], ys[S::kRows][kPacks];
+  // Kept as loaded (16-bit data: half the registers), widened where used.
+  Pack<T, V> g[kPacks], p[kPacks];
+  float dot = 0.0f;
 #pragma unroll
-  for (int r = 0; r < S::kRows; ++r) {
-    const int64_t row = first_row + r;
+  for (int i = 0; i < kPacks; ++i) {
+    const int pack = i * width + lane;
+    const bool here = active && pack < count;
+    g[i] = here ? packs.load_raw(grad_y + base, pack, same_layout) : Pack<T, V>{};
+    p[i] = here ? packs.load_raw(y + base, pack, same_layout) : Pack<T, V>{};
 #pragma unroll
-    for (int v = 0; v < kPacks; ++v) {
-      const int j = (v * S::kWidth + lane) * kVec;
-      const bool ok = row < rows && j < len;
-      gs[r][v] = ok ? load_pack<T, kVec>(grad_y + row * len + j) : Pack<T, kVec>{};
-      ys[r][v] = ok ? load_pack<T, kVec>(y + row * len + j) : Pack<T, kVec>{};
-    }
+    for (int k = 0; k < V; ++k) dot = fmaf(Elem<T>::widen(g[i].v[k]), Elem<T>::widen(p[i].v[k]), dot);
   }
-  A dot[S::kRows];
+  dot = kPacks > 1 ? warp_reduce(dot, SumOp{}) : warp_reduce_width(dot, width, SumOp{});
+  if (!active) return;
 #pragma unroll
-  for (int r = 0; r < S::kRows; ++r) {
-    dot[r] = 0;
+  for (int i = 0; i < kPacks; ++i) {
+    const int pack = i * width + lane;
+    if (pack >= count) continue;
+    float out[V];
 #pragma unroll
-    for (int v = 0; v < kPacks; ++v) {
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) dot[r] += Elem<T>::widen(gs[r][v].v[k]) * Elem<T>::widen(ys[r][v].v[k]);
+    for (int k = 0; k < V; ++k) {
+      out[k] = scale * Elem<T>::widen(p[i].v[k]) * (Elem<T>::widen(g[i].v[k]) - dot);
     }
-    dot[r] = warp_reduce<S::kWidth>(dot[r], SumOp{});
-  }
-#pragma unroll
-  for (int r = 0; r < S::kRows; ++r) {
-    const int64_t row = first_row + r;
-    if (row >= rows) continue;
-#pragma unroll
-    for (int v = 0; v < kPacks; ++v) {
-      const int j = (v * S::kWidth + lane) * kVec;
-      if (j >= len) continue;
-      Pack<T, kVec> out;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        const A p = Elem<T>::widen(ys[r][v].v[k]);
-        out.v[k] = Elem<T>::narrow(scale * p * (Elem<T>::widen(gs[r][v].v[k]) - dot[r]));
-      }
-      store_pack<T, kVec>(grad_x + row * len + j, out);
-    }
+    packs.store(grad_x + base, pack, out, true);
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Block kernels: one block per row (grid-stride over rows past 2^20 of them).
+// Block kernels: one block per row (grid-stride past 2^20 rows), any length, float64 too.
 // ---------------------------------------------------------------------------------------------
-template <typename A>
-__device__ __forceinline__ RowStats<A> block_stats(RowStats<A> s, A* scratch, int* int_scratch) {
-  RowStats<A> out;
-  out.nan = __syncthreads_or(s.nan);
-  out.pos_inf = block_reduce(s.pos_inf, SumOp{}, 0, int_scratch);
-  out.max = block_reduce(s.max, MaxOp{}, -infinity<A>(), scratch);
-  return out;
+
+// Shared-memory cache of a row's packs in the accumulation type: chunk c (16 bytes) of pack p at
+// chunk index c * packs + p, so a thread's 16-byte accesses to consecutive packs are consecutive
+// across the warp (no bank conflicts; a 32-byte float pack of 16-bit x is two such chunks).
+template <typename A, int kVec>
+struct PackCache {
+  static constexpr int kPerChunk = 16 / static_cast<int>(sizeof(A));
+  static constexpr int kChunks = kVec / kPerChunk;
+  A* base;
+  int packs;
+
+  __device__ __forceinline__ void put(int pack, const A (&v)[kVec]) const {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      Pack<A, kPerChunk> chunk;
+#pragma unroll
+      for (int k = 0; k < kPerChunk; ++k) chunk.v[k] = v[c * kPerChunk + k];
+      store_pack<A, kPerChunk>(base + (static_cast<int64_t>(c) * packs + pack) * kPerChunk, chunk);
+    }
+  }
+  __device__ __forceinline__ void get(int pack, A (&v)[kVec]) const {
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      const Pack<A, kPerChunk> chunk = load_pack<A, kPerChunk>(base + (static_cast<int64_t>(c) * packs + pack) * kPerChunk);
+#pragma unroll
+      for (int k = 0; k < kPerChunk; ++k) v[c * kPerChunk + k] = chunk.v[k];
+    }
+  }
+};
+
+template <typename T>
+constexpr int64_t cache_bytes_per_pack() {
+  return pack_elems<T>() * static_cast<int64_t>(sizeof(acc_t<T>));
 }
 
-// kCached: the row's logits live in shared memory (len * sizeof(A) bytes of dynamic shared
-// memory); x is read once and exp taken once per element. Without it: an online max/sum pass
-// over x and a write pass that reads x again (L2 mostly).
-template <typename T, MaskKind kKind, bool kVectorized, bool kCached>
+// kCached: the row's logits live in shared memory (count * kVec accumulators); x is read once
+// and exp taken once per element. Without it: an online max/sum pass over x, a write pass.
+template <typename T, MaskKind kKind, bool kCached>
 __global__ void __launch_bounds__(kRowBlockThreads)
-    softmax_forward_block(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int64_t len, acc_t<T> scale,
-                          const void* __restrict__ mask, const MaskIndexer index) {
+    softmax_forward_block(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int len, acc_t<T> scale_log2,
+                          const void* __restrict__ mask, const MaskIndexer index, bool y_aligned, bool mask_vec) {
   using A = acc_t<T>;
   using M = typename MaskElem<kKind, T>::type;
-  constexpr int kVec = kVectorized ? max_vec<T>() : 1;
+  using R = RowPacks<T>;
+  constexpr int V = R::kVec;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  A* cache = reinterpret_cast<A*>(shared_raw);
   __shared__ A scratch[kWarpSize];
   __shared__ int int_scratch[kWarpSize];
-  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
 
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * len;
     T* yr = y + row * len;
+    const R packs{misalignment(xr), len};
+    const int count = packs.count();
+    const PackCache<A, V> cache{reinterpret_cast<A*>(shared_raw), count};
     const M* mrow = nullptr;
     if constexpr (kKind != MaskKind::None) mrow = static_cast<const M*>(mask) + index.row_offset(row);
-    auto logits = [&](int64_t j, A (&z)[kVec]) {
-      const Pack<T, kVec> p = load_pack<T, kVec>(xr + j);
-      M m[kVec] = {};
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if constexpr (kKind != MaskKind::None) m[k] = mrow[(j + k) * index.inner_stride];
-      }
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) z[k] = masked_logit<kKind>(Elem<T>::widen(p.v[k]), scale, m[k]);
+    auto logits = [&](int pack, A (&z)[V]) {
+      row_logits<kKind>(packs, xr, pack, mrow, index.inner_stride, mask_vec, scale_log2, false, z);
     };
 
-    RowStats<A> mine{0, 0, -infinity<A>()};
-    A sum = 0;  // online: relative to `mine.max`, over finite logits (uncached path only)
-    for (int64_t j = threadIdx.x * kVec; j < len; j += step) {
-      A z[kVec];
-      logits(j, z);
+    A mine = -infinity<A>();
+    A online_sum = 0;  // uncached: relative to `mine`, over its finite logits
+    for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
+      A z[V];
+      logits(pack, z);
+      if constexpr (kCached) {
+        cache.put(pack, z);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        if constexpr (kCached) {
-          cache[j + k] = z[k];
-          mine.add(z[k]);
-        } else {
-          if (isnan(z[k])) {
-            mine.nan = 1;
-          } else if (z[k] == infinity<A>()) {
-            ++mine.pos_inf;
-          } else if (z[k] > mine.max) {
-            sum = sum * exp_shifted(mine.max - z[k]) + A(1);
-            mine.max = z[k];
-          } else if (z[k] != -infinity<A>()) {
-            sum += exp_shifted(z[k] - mine.max);
+        for (int k = 0; k < V; ++k) mine = max_nan(mine, z[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const A next = max_nan(mine, z[k]);
+          if (next == next && next != infinity<A>() && next != -infinity<A>()) {
+            online_sum = online_sum * exp_domain(mine - next) + exp_domain(z[k] - next);  // exp(-inf) = 0
           }
+          mine = next;
         }
       }
     }
-    const RowStats<A> stats = block_stats(mine, scratch, int_scratch);
+    const A max_z = block_reduce(mine, MaxNanOp{}, -infinity<A>(), scratch);
+    const bool ordinary = ordinary_max(max_z);
     A inv_sum = A(0);
-    if (!stats.special()) {
+    int pos_inf = 0;
+    if (ordinary) {
       A part = 0;
       if constexpr (kCached) {
-        for (int64_t j = threadIdx.x; j < len; j += blockDim.x) {
-          const A e = exp_shifted(cache[j] - stats.max);
-          cache[j] = e;
-          part += e;
+        for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {  // the packs this thread cached
+          A z[V];
+          cache.get(pack, z);
+#pragma unroll
+          for (int k = 0; k < V; ++k) {
+            z[k] = exp_domain(z[k] - max_z);
+            part += z[k];
+          }
+          cache.put(pack, z);
         }
       } else {
-        part = mine.max == -infinity<A>() ? A(0) : sum * exp_shifted(mine.max - stats.max);
+        part = ordinary_max(mine) ? online_sum * exp_domain(mine - max_z) : A(0);
       }
-      inv_sum = A(1) / block_reduce(part, SumOp{}, A(0), scratch);  // its barriers publish the cache too
-    } else if constexpr (kCached) {
-      __syncthreads();
-    }
-    for (int64_t j = threadIdx.x * kVec; j < len; j += step) {
-      A z[kVec];
-      if constexpr (kCached) {
-#pragma unroll
-        for (int k = 0; k < kVec; ++k) z[k] = cache[j + k];
-      } else {
-        logits(j, z);
-      }
-      Pack<T, kVec> out;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        A prob;
-        if (stats.special()) {
-          prob = stats.special_prob(z[k]);
-        } else if constexpr (kCached) {
-          prob = z[k] * inv_sum;
+      inv_sum = A(1) / block_reduce(part, SumOp{}, A(0), scratch);
+    } else if (max_z == infinity<A>()) {
+      for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
+        A z[V];
+        if constexpr (kCached) {
+          cache.get(pack, z);
         } else {
-          prob = exp_shifted(z[k] - stats.max) * inv_sum;
+          logits(pack, z);
         }
-        out.v[k] = Elem<T>::narrow(prob);
+#pragma unroll
+        for (int k = 0; k < V; ++k) pos_inf += z[k] == infinity<A>();
       }
-      store_pack<T, kVec>(yr + j, out);
+      pos_inf = block_reduce(pos_inf, SumOp{}, 0, int_scratch);
     }
-    if constexpr (kCached) __syncthreads();  // the next row overwrites the cache
+    for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
+      A z[V];
+      if constexpr (kCached) {
+        cache.get(pack, z);
+      } else {
+        logits(pack, z);
+      }
+      A out[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (!ordinary) {
+          out[k] = special_prob(z[k], max_z, pos_inf);
+        } else if constexpr (kCached) {
+          out[k] = z[k] * inv_sum;
+        } else {
+          out[k] = exp_domain(z[k] - max_z) * inv_sum;
+        }
+      }
+      packs.store(yr, pack, out, y_aligned);
+    }
+    __syncthreads();  // the next row reuses the cache and the scratch
   }
 }
 
-// kCached: grad_y and y rows live in shared memory (2 * len * sizeof(T) bytes), read once.
-template <typename T, bool kVectorized, bool kCached>
+// kCached: grad_y and y packs live in shared memory (2 * count * 16 bytes), read once.
+template <typename T, bool kCached>
 __global__ void __launch_bounds__(kRowBlockThreads)
     softmax_backward_block(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ grad_x,
-                           int64_t rows, int64_t len, acc_t<T> scale) {
+                           int64_t rows, int len, acc_t<T> scale, bool same_layout) {
   using A = acc_t<T>;
-  constexpr int kVec = kVectorized ? max_vec<T>() : 1;
+  using R = RowPacks<T>;
+  constexpr int V = R::kVec;
   extern __shared__ __align__(16) unsigned char shared_raw[];
-  T* g_cache = reinterpret_cast<T*>(shared_raw);
-  T* y_cache = g_cache + (kCached ? len : 0);
   __shared__ A scratch[kWarpSize];
-  const int64_t step = static_cast<int64_t>(blockDim.x) * kVec;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const int64_t base = row * len;
+    const R packs{misalignment(grad_x + base), len};
+    const int count = packs.count();
+    const PackCache<A, V> g_cache{reinterpret_cast<A*>(shared_raw), count};
+    const PackCache<A, V> y_cache{reinterpret_cast<A*>(shared_raw) + static_cast<int64_t>(count) * V, count};
     A dot = 0;
-    for (int64_t j = threadIdx.x * kVec; j < len; j += step) {
-      const Pack<T, kVec> g = load_pack<T, kVec>(grad_y + base + j);
-      const Pack<T, kVec> p = load_pack<T, kVec>(y + base + j);
+    for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
+      A g[V], p[V];
+      packs.load(grad_y + base, pack, g, A(0), same_layout);
+      packs.load(y + base, pack, p, A(0), same_layout);
       if constexpr (kCached) {
-        store_pack<T, kVec>(g_cache + j, g);
-        store_pack<T, kVec>(y_cache + j, p);
+        g_cache.put(pack, g);
+        y_cache.put(pack, p);
       }
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) dot += Elem<T>::widen(g.v[k]) * Elem<T>::widen(p.v[k]);
+      for (int k = 0; k < V; ++k) dot += g[k] * p[k];
     }
-    dot = block_reduce(dot, SumOp{}, A(0), scratch);  // its barriers publish the cache too
-    for (int64_t j = threadIdx.x * kVec; j < len; j += step) {
-      const Pack<T, kVec> g = load_pack<T, kVec>((kCached ? g_cache : grad_y + base) + j);
-      const Pack<T, kVec> p = load_pack<T, kVec>((kCached ? y_cache : y + base) + j);
-      Pack<T, kVec> out;
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) {
-        out.v[k] = Elem<T>::narrow(scale * Elem<T>::widen(p.v[k]) * (Elem<T>::widen(g.v[k]) - dot));
+    dot = block_reduce(dot, SumOp{}, A(0), scratch);
+    for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
+      A g[V], p[V];
+      if constexpr (kCached) {
+        g_cache.get(pack, g);
+        y_cache.get(pack, p);
+      } else {
+        packs.load(grad_y + base, pack, g, A(0), same_layout);
+        packs.load(y + base, pack, p, A(0), same_layout);
       }
-      store_pack<T, kVec>(grad_x + base + j, out);
+      A out[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = scale * p[k] * (g[k] - dot);
+      packs.store(grad_x + base, pack, out, true);
     }
-    if constexpr (kCached) __syncthreads();
+    __syncthreads();
   }
 }
 
 // ---------------------------------------------------------------------------------------------
 // Launch choices
 // ---------------------------------------------------------------------------------------------
-int ceil_log2(int64_t n) {
-  int k = 0;
-  while ((int64_t{1} << k) < n) ++k;
-  return k;
+int host_misalignment(const void* p, int64_t elem_size) {
+  return static_cast<int>((reinterpret_cast<uintptr_t>(p) % 16) / elem_size);
 }
 
-bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-// float64 softmax (gradcheck, references) takes the block kernels at every length: it halves
-// the warp kernels nvcc must build, and no training runs attention in float64.
+// Packs a row spans at most: its length, plus one when rows start off a 16-byte boundary.
 template <typename T>
-int64_t warp_max_len() {
-  return std::is_same_v<T, double> ? 0 : 2048;
+int64_t row_packs(const void* x, int64_t len) {
+  constexpr int64_t v = pack_elems<T>();
+  const bool every_row_aligned = len % v == 0 && host_misalignment(x, sizeof(T)) == 0;
+  return (len + (every_row_aligned ? 0 : v - 1) + v - 1) / v;
 }
 
-// Vector width of the warp kernels for rows of `len`: min(16 bytes, elements per lane).
-template <typename T>
-int warp_vec(int64_t len) {
-  const int log2 = ceil_log2(len);
-  const int iters = log2 <= 5 ? 1 : 1 << (log2 - 5);
-  return std::min(max_vec<T>(), iters);
-}
-
-// Whether every row of x (and y) starts on a `vec`-element boundary.
-template <typename T>
-bool rows_aligned(int64_t len, int vec, std::initializer_list<const void*> pointers) {
-  if (vec <= 1 || len % vec != 0) return false;
-  for (const void* p : pointers) {
-    if (!aligned(p, vec * static_cast<int64_t>(sizeof(T)))) return false;
-  }
-  return true;
-}
-
-// Whether the mask's rows can be read as packs of `vec` elements of M: contiguous along the row,
-// and every row start aligned (base and every row stride).
-template <typename M>
-bool mask_rows_aligned(const void* mask, const MaskIndexer& index, int vec) {
-  if (vec <= 1 || index.inner_stride != 1) return false;
-  const int64_t bytes = std::min<int64_t>(16, vec * static_cast<int64_t>(sizeof(M)));
-  if (!aligned(mask, bytes)) return false;
+// Whether every mask row can be read as packs of kVec elements of M where x's packs are: x's rows
+// all aligned, the mask contiguous along the row, its base and every row stride aligned.
+template <typename T, typename M>
+bool mask_rows_aligned(const void* x, int64_t len, const void* mask, const MaskIndexer& index) {
+  constexpr int64_t v = pack_elems<T>();
+  if (len % v != 0 || host_misalignment(x, sizeof(T)) != 0 || index.inner_stride != 1) return false;
+  const int64_t bytes = std::min<int64_t>(16, v * static_cast<int64_t>(sizeof(M)));
+  if (reinterpret_cast<uintptr_t>(mask) % bytes != 0) return false;
   for (int d = 0; d < index.ndim; ++d) {
     if ((index.strides[d] * static_cast<int64_t>(sizeof(M))) % bytes != 0) return false;
   }
   return true;
 }
 
-// Calls launch(std::integral_constant<int, K>) for K = ceil(log2(len)), len <= 2048.
-template <typename Launch>
-void with_log2(int64_t len, Launch&& launch) {
-  switch (ceil_log2(len)) {
-    case 0: launch(std::integral_constant<int, 0>{}); break;
-    case 1: launch(std::integral_constant<int, 1>{}); break;
-    case 2: launch(std::integral_constant<int, 2>{}); break;
-    case 3: launch(std::integral_constant<int, 3>{}); break;
-    case 4: launch(std::integral_constant<int, 4>{}); break;
-    case 5: launch(std::integral_constant<int, 5>{}); break;
-    case 6: launch(std::integral_constant<int, 6>{}); break;
-    case 7: launch(std::integral_constant<int, 7>{}); break;
-    case 8: launch(std::integral_constant<int, 8>{}); break;
-    case 9: launch(std::integral_constant<int, 9>{}); break;
-    case 10: launch(std::integral_constant<int, 10>{}); break;
-    default: launch(std::integral_constant<int, 11>{}); break;
+int ceil_log2(int64_t n) {
+  int k = 0;
+  while ((int64_t{1} << k) < n) ++k;
+  return k;
+}
+
+// Calls launch(std::integral_constant<int, K>) for the smallest built K >= packs_per_lane.
+// float32 (up to 16): every K to 8, then 10, 12, 13 (L = 1600: 400 packs), 14, 16; 16-bit: 1-8.
+template <typename T, typename Launch>
+void with_packs(int64_t packs_per_lane, Launch&& launch) {
+  switch (packs_per_lane) {
+    case 1: launch(std::integral_constant<int, 1>{}); return;
+    case 2: launch(std::integral_constant<int, 2>{}); return;
+    case 3: launch(std::integral_constant<int, 3>{}); return;
+    case 4: launch(std::integral_constant<int, 4>{}); return;
+    case 5: launch(std::integral_constant<int, 5>{}); return;
+    case 6: launch(std::integral_constant<int, 6>{}); return;
+    case 7: launch(std::integral_constant<int, 7>{}); return;
+    case 8: launch(std::integral_constant<int, 8>{}); return;
+    default: break;
+  }
+  if constexpr (max_warp_packs<T>() > 8) {
+    if (packs_per_lane <= 10) return launch(std::integral_constant<int, 10>{});
+    if (packs_per_lane <= 12) return launch(std::integral_constant<int, 12>{});
+    if (packs_per_lane <= 13) return launch(std::integral_constant<int, 13>{});
+    if (packs_per_lane <= 14) return launch(std::integral_constant<int, 14>{});
+    launch(std::integral_constant<int, 16>{});
   }
 }
 
-template <int kLog2>
-unsigned warp_grid(int64_t rows) {
-  constexpr int64_t per_block = WarpShape<kLog2>::kRowsPerBlock;
-  return static_cast<unsigned>((rows + per_block - 1) / per_block);
+// The warp kernels' shape for rows of `packs` packs: packs per lane and log2 of lanes per row.
+struct WarpShape {
+  int64_t packs_per_lane;
+  int width_log2;
+};
+
+WarpShape warp_shape(int64_t packs) {
+  if (packs <= kWarpSize) return {1, ceil_log2(std::max<int64_t>(packs, 1))};
+  return {(packs + kWarpSize - 1) / kWarpSize, 5};
+}
+
+unsigned warp_grid(int64_t rows, int width_log2) {
+  const int64_t rows_per_block = kWarpBlockThreads >> width_log2;
+  return static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
 }
 
 unsigned block_grid(int64_t rows) { return static_cast<unsigned>(std::min(rows, kMaxRowBlocks)); }
 
-// Dynamic shared memory a block kernel may use on the current device (opt-in limit), or 0.
+// Dynamic shared memory a block kernel may use on the current device (opt-in limit, less the
+// kernels' static scratch), looked up once per device.
 int64_t shared_memory_limit() {
-  int device = 0, bytes = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();  // clear: the uncached kernels need none
+  static int cached[64] = {};  // 0: not looked up yet (a benign race: every writer writes the same)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
     return 0;
   }
-  return bytes - 1024;  // room for the kernels' static scratch
+  if (cached[device] == 0) {
+    int bytes = 0;
+    if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+      cudaGetLastError();  // the uncached kernels need none
+      bytes = 1024;
+    }
+    cached[device] = std::max(bytes - 1024, 1);
+  }
+  return cached[device] <= 1 ? 0 : cached[device];
 }
 
-template <typename Kernel>
-cudaError_t allow_shared_memory(Kernel kernel, int64_t bytes) {
+// Opts `kernel` in to `bytes` of dynamic shared memory on the current device, once per kernel,
+// device and size reached (the attribute call costs microseconds of host time).
+cudaError_t allow_shared_memory(const void* kernel, int64_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  int device = 0;
+  if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
+  static std::mutex lock;
+  static std::unordered_map<const void*, int64_t> granted[64];
+  const std::lock_guard<std::mutex> hold(lock);
+  int64_t& have = granted[device % 64][kernel];
+  if (bytes <= have) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(bytes));
+  if (err == cudaSuccess) have = bytes;
+  return err;
 }
 
 template <typename T, MaskKind kKind>
@@ -506,93 +527,68 @@ cudaError_t softmax_forward(const T* x, T* y, int64_t rows, int64_t len, double 
                             const MaskIndexer& index, cudaStream_t stream) {
   using A = acc_t<T>;
   using M = typename MaskElem<kKind, T>::type;
-  const A s = static_cast<A>(scale);
-  if (len <= warp_max_len<T>()) {
-    const int vec = warp_vec<T>(len);
-    const bool vectorized = rows_aligned<T>(len, vec, {x, y});
-    const bool mask_vec = kKind != MaskKind::None && vectorized && mask_rows_aligned<M>(mask, index, vec);
-    with_log2(len, [&](auto log2) {
-      if constexpr (std::is_same_v<T, double>) {
-        (void)log2;  // float64 never takes the warp kernels (warp_max_len)
-      } else {
-        constexpr int kLog2 = decltype(log2)::value;
-        const unsigned grid = warp_grid<kLog2>(rows);
-        const int n = static_cast<int>(len);
-        if constexpr (WarpShape<kLog2>::kIters >= 2) {
-          if (vectorized && mask_vec) {
-            softmax_forward_warp<T, kKind, kLog2, true, kKind != MaskKind::None>
-                <<<grid, kWarpBlockThreads, 0, stream>>>(x, y, rows, n, s, mask, index);
-            return;
-          }
-          if (vectorized) {
-            softmax_forward_warp<T, kKind, kLog2, true, false>
-                <<<grid, kWarpBlockThreads, 0, stream>>>(x, y, rows, n, s, mask, index);
-            return;
-          }
-        }
-        softmax_forward_warp<T, kKind, kLog2, false, false>
-            <<<grid, kWarpBlockThreads, 0, stream>>>(x, y, rows, n, s, mask, index);
-      }
-    });
-    return cudaGetLastError();
+  const bool y_aligned = host_misalignment(x, sizeof(T)) == host_misalignment(y, sizeof(T));
+  const bool mask_vec = kKind != MaskKind::None && mask_rows_aligned<T, M>(x, len, mask, index);
+  const int n = static_cast<int>(len);
+  const int64_t packs = row_packs<T>(x, len);
+  if constexpr (max_warp_packs<T>() > 0) {
+    if (packs <= kWarpSize * max_warp_packs<T>()) {
+      const WarpShape shape = warp_shape(packs);
+      const float s = static_cast<float>(scale * kLog2e);
+      with_packs<T>(shape.packs_per_lane, [&](auto k) {
+        constexpr int kPacks = decltype(k)::value;
+        softmax_forward_warp<T, kKind, kPacks><<<warp_grid(rows, shape.width_log2), kWarpBlockThreads, 0, stream>>>(
+            x, y, rows, n, s, mask, index, shape.width_log2, y_aligned, mask_vec);
+      });
+      return cudaGetLastError();
+    }
   }
-  const bool vectorized = rows_aligned<T>(len, max_vec<T>(), {x, y});
-  const int64_t cache_bytes = len * static_cast<int64_t>(sizeof(A));
-  const bool cached = cache_bytes <= shared_memory_limit();
+  const A s = static_cast<A>(std::is_same_v<A, double> ? scale : scale * kLog2e);
+  const int64_t cache_bytes = packs * cache_bytes_per_pack<T>();
   auto launch = [&](auto kernel, int64_t bytes) {
-    if (const cudaError_t err = allow_shared_memory(kernel, bytes); err != cudaSuccess) return err;
-    kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(x, y, rows, len, s, mask,
-                                                                                      index);
+    if (const cudaError_t err = allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess) {
+      return err;
+    }
+    kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(x, y, rows, n, s, mask, index,
+                                                                                      y_aligned, mask_vec);
     return cudaGetLastError();
   };
-  if (cached) {
-    return vectorized ? launch(softmax_forward_block<T, kKind, true, true>, cache_bytes)
-                      : launch(softmax_forward_block<T, kKind, false, true>, cache_bytes);
-  }
-  return vectorized ? launch(softmax_forward_block<T, kKind, true, false>, 0)
-                    : launch(softmax_forward_block<T, kKind, false, false>, 0);
+  if (cache_bytes <= shared_memory_limit()) return launch(softmax_forward_block<T, kKind, true>, cache_bytes);
+  return launch(softmax_forward_block<T, kKind, false>, 0);
 }
 
 template <typename T>
 cudaError_t softmax_backward(const T* grad_y, const T* y, T* grad_x, int64_t rows, int64_t len, double scale,
                              cudaStream_t stream) {
   using A = acc_t<T>;
-  const A s = static_cast<A>(scale);
-  if (len <= warp_max_len<T>()) {
-    const bool vectorized = rows_aligned<T>(len, warp_vec<T>(len), {grad_y, y, grad_x});
-    with_log2(len, [&](auto log2) {
-      if constexpr (std::is_same_v<T, double>) {
-        (void)log2;
-      } else {
-        constexpr int kLog2 = decltype(log2)::value;
-        const unsigned grid = warp_grid<kLog2>(rows);
-        const int n = static_cast<int>(len);
-        if constexpr (WarpShape<kLog2>::kIters >= 2) {
-          if (vectorized) {
-            softmax_backward_warp<T, kLog2, true><<<grid, kWarpBlockThreads, 0, stream>>>(grad_y, y, grad_x, rows, n, s);
-            return;
-          }
-        }
-        softmax_backward_warp<T, kLog2, false><<<grid, kWarpBlockThreads, 0, stream>>>(grad_y, y, grad_x, rows, n, s);
-      }
-    });
-    return cudaGetLastError();
+  const int out_offset = host_misalignment(grad_x, sizeof(T));
+  const bool same_layout = host_misalignment(grad_y, sizeof(T)) == out_offset &&
+                           host_misalignment(y, sizeof(T)) == out_offset;
+  const int n = static_cast<int>(len);
+  const int64_t packs = row_packs<T>(grad_x, len);
+  if constexpr (max_warp_packs<T>() > 0) {
+    if (packs <= kWarpSize * max_warp_packs<T>()) {
+      const WarpShape shape = warp_shape(packs);
+      with_packs<T>(shape.packs_per_lane, [&](auto k) {
+        constexpr int kPacks = decltype(k)::value;
+        softmax_backward_warp<T, kPacks><<<warp_grid(rows, shape.width_log2), kWarpBlockThreads, 0, stream>>>(
+            grad_y, y, grad_x, rows, n, static_cast<float>(scale), shape.width_log2, same_layout);
+      });
+      return cudaGetLastError();
+    }
   }
-  const bool vectorized = rows_aligned<T>(len, max_vec<T>(), {grad_y, y, grad_x});
-  const int64_t cache_bytes = 2 * len * static_cast<int64_t>(sizeof(T));
-  const bool cached = cache_bytes <= shared_memory_limit();
+  const int64_t cache_bytes = 2 * packs * cache_bytes_per_pack<T>();
   auto launch = [&](auto kernel, int64_t bytes) {
-    if (const cudaError_t err = allow_shared_memory(kernel, bytes); err != cudaSuccess) return err;
-    kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(grad_y, y, grad_x, rows, len,
-                                                                                      s);
+    if (const cudaError_t err = allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess) {
+      return err;
+    }
+    kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(grad_y, y, grad_x, rows, n,
+                                                                                      static_cast<A>(scale),
+                                                                                      same_layout);
     return cudaGetLastError();
   };
-  if (cached) {
-    return vectorized ? launch(softmax_backward_block<T, true, true>, cache_bytes)
-                      : launch(softmax_backward_block<T, false, true>, cache_bytes);
-  }
-  return vectorized ? launch(softmax_backward_block<T, true, false>, 0)
-                    : launch(softmax_backward_block<T, false, false>, 0);
+  if (cache_bytes <= shared_memory_limit()) return launch(softmax_backward_block<T, true>, cache_bytes);
+  return launch(softmax_backward_block<T, false>, 0);
 }
 
 template <typename T>
@@ -616,9 +612,10 @@ cudaError_t softmax_forward_any_mask(const void* x, void* y, int64_t rows, int64
 
 }  // namespace
 
-bool softmax_rows_fit(int64_t rows) {
-  // The warp kernels' grid: at least 4 rows per block, at most 2^31 - 1 blocks.
-  return rows >= 0 && rows / 4 < int64_t{0x7fffffff};
+bool softmax_rows_fit(int64_t rows, int64_t len) {
+  // The warp kernels' grid (at least 4 rows per block, at most 2^31 - 1 blocks), and int
+  // positions within a row (a pack past the row's end included).
+  return rows >= 0 && rows / 4 < int64_t{0x7fffffff} && len < int64_t{0x7fffffff} - 64;
 }
 
 cudaError_t launch_softmax_forward(ElemType type, const void* x, void* y, int64_t rows, int64_t len, double scale,

@@ -17,7 +17,8 @@ at::Tensor stable_softmax_cuda(const at::Tensor& x, int64_t dim, double scale, c
   const SoftmaxProblem p = make_softmax_problem(x, dim, mask);
   at::Tensor out = at::empty(p.x.sizes(), p.x.options());
   if (p.rows == 0) return restore_softmax_layout(out, p);
-  TORCH_CHECK(cuda::softmax_rows_fit(p.rows), "stable_softmax: too many rows (", p.rows, ") for one CUDA launch");
+  TORCH_CHECK(cuda::softmax_rows_fit(p.rows, p.len), "stable_softmax: ", p.rows, " rows of ", p.len,
+              " elements are more than one CUDA launch takes");
   C10_CUDA_CHECK(cuda::launch_softmax_forward(cuda::elem_type(p.x.scalar_type()), p.x.const_data_ptr(),
                                               out.data_ptr(), p.rows, p.len, scale, p.mask_kind,
                                               p.mask_kind == MaskKind::None ? nullptr : p.mask.const_data_ptr(),
@@ -31,8 +32,8 @@ at::Tensor stable_softmax_backward_cuda(const at::Tensor& grad_y, const at::Tens
   const SoftmaxProblem p = make_softmax_backward_problem(grad_y, y, dim, y_last);
   at::Tensor grad_x = at::empty(p.x.sizes(), p.x.options());
   if (p.rows == 0) return restore_softmax_layout(grad_x, p);
-  TORCH_CHECK(cuda::softmax_rows_fit(p.rows), "stable_softmax_backward: too many rows (", p.rows,
-              ") for one CUDA launch");
+  TORCH_CHECK(cuda::softmax_rows_fit(p.rows, p.len), "stable_softmax_backward: ", p.rows, " rows of ", p.len,
+              " elements are more than one CUDA launch takes");
   C10_CUDA_CHECK(cuda::launch_softmax_backward(cuda::elem_type(p.x.scalar_type()), p.x.const_data_ptr(),
                                                y_last.const_data_ptr(), grad_x.data_ptr(), p.rows, p.len, scale,
                                                c10::cuda::getCurrentCUDAStream()));

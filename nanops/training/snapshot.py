@@ -12,6 +12,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 
 
+def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The tensors end to end, in one op: running statistics are 1-D (cat as they are),
+    num_batches_tracked 0-dim (stacked); reshaping each in Python cost more than the copy."""
+    dims = {t.dim() for t in tensors}
+    if dims == {1}:
+        return torch.cat(tensors)
+    if dims == {0}:
+        return torch.stack(tensors)
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
 class NormBufferSnapshot:
     """The running statistics of every BatchNorm/InstanceNorm (tracking them) in `model`.
 
@@ -25,10 +36,23 @@ class NormBufferSnapshot:
         self._flat: dict[tuple, torch.Tensor] = {}     # (device, dtype) -> the copies, end to end
         self._groups: dict[tuple, list[int]] = {}      # (device, dtype) -> buffer indices
         self._copies: list[torch.Tensor] = []          # per-buffer views into the flat copies
+        self._seen: list[tuple[dict, str, torch.Tensor]] = []  # (module._buffers, name, buffer) last looked up
+        self._by_group: dict[tuple, list[torch.Tensor]] = {}  # (device, dtype) -> the live buffers
+        self._live: list[torch.Tensor] = []
+        self._group_copies: dict[tuple, list[torch.Tensor]] = {}
 
     def _buffers(self) -> list[torch.Tensor]:
-        return [b for m in self._modules for b in (m.running_mean, m.running_var, m.num_batches_tracked)
-                if b is not None]
+        """The live buffers. A micro-batch's settle runs this for every BatchNorm of the model:
+        the last lookup is kept and checked by identity in the modules' own buffer dicts (a
+        `model.to()` or `.half()` replaces the tensors there), not walked through nn.Module's
+        attribute lookup again."""
+        seen = self._seen
+        if seen and all(owner.get(name) is buffer for owner, name, buffer in seen):
+            return [buffer for _, _, buffer in seen]
+        self._seen = [(m._buffers, name, m._buffers[name]) for m in self._modules
+                      for name in ("running_mean", "running_var", "num_batches_tracked")
+                      if m._buffers.get(name) is not None]
+        return [buffer for _, _, buffer in self._seen]
 
     def __len__(self) -> int:
         return len(self._buffers())
@@ -44,9 +68,20 @@ class NormBufferSnapshot:
             self._flat[key] = flat
             for i, part in zip(indices, flat.split([buffers[i].numel() for i in indices])):
                 self._copies[i] = part.view(buffers[i].shape)
+        self._use(buffers)
 
     def _same_layout(self, buffers: list[torch.Tensor]) -> bool:
-        return [(b.shape, b.dtype, b.device) for b in buffers] == self._layout
+        if buffers == self._live:  # list equality tests identity first: the very tensors of the last layout
+            return True
+        same = [(b.shape, b.dtype, b.device) for b in buffers] == self._layout
+        if same:  # new tensors of the same layout (a load_state_dict with assign, say)
+            self._use(buffers)
+        return same
+
+    def _use(self, buffers: list[torch.Tensor]) -> None:
+        self._live = buffers
+        self._by_group = {key: [buffers[i] for i in indices] for key, indices in self._groups.items()}
+        self._group_copies = {key: [self._copies[i] for i in indices] for key, indices in self._groups.items()}
 
     def _checked_buffers(self, caller: str) -> list[torch.Tensor]:
         buffers = self._buffers()
@@ -72,10 +107,9 @@ class NormBufferSnapshot:
     def settle(self, found_inf: torch.Tensor) -> None:
         """`restore()` where `found_inf` (a one-element tensor) is non-zero, `take()` where it is
         zero, decided on the device: no host sync, four launches per (device, dtype)."""
-        buffers = self._checked_buffers("settle")
+        self._checked_buffers("settle")
         with torch.no_grad():
-            for (device, _), indices in self._groups.items():
-                current = torch.cat([buffers[i].reshape(-1) for i in indices])
-                kept = torch.where(found_inf.to(device).reshape(()) != 0, self._flat[(device, _)], current)
-                self._flat[(device, _)].copy_(kept)
-                torch._foreach_copy_([buffers[i] for i in indices], [self._copies[i] for i in indices])
+            for key, live in self._by_group.items():
+                flat = self._flat[key]
+                torch.where(found_inf.to(key[0]).reshape(()) != 0, flat, _flatten(live), out=flat)
+                torch._foreach_copy_(live, self._group_copies[key])
