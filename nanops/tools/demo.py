@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..training.checkpoints import load as load_checkpoint
 from ..yolov5.env import prepare_environment, quiet_yolov5_import, transformer_yaml
 from ..yolov5.train import SkippedStep, inject_nonfinite_input, run, run_plain
 from .synthetic import write_yolo_dataset
@@ -53,7 +54,7 @@ def read_results(name: str, save_dir: Path, seconds: float = 0.0) -> RunLog:
             row = {k.strip(): v.strip() for k, v in row.items()}
             log.val_loss.append(sum(float(row[k]) for k in ("val/box_loss", "val/obj_loss", "val/cls_loss")))
             log.map50.append(float(row["metrics/mAP_0.5"]))
-    ckpt = torch.load(save_dir / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(save_dir / "weights" / "last.pt", map_location="cpu")
     log.weights_finite = all(bool(torch.isfinite(t).all()) for t in ckpt["model"].state_dict().values()
                              if t.is_floating_point())
     return log

@@ -19,6 +19,8 @@ Nothing of ultralytics is edited. When the trainer is set up, `protect`:
   * logs each skipped step (epoch, optimizer step, first non-finite module found by replaying
     the batch's forward), writes `<save_dir>/nanops_skipped_steps.csv`, sums them up at the end.
 Ultralytics' own NaN recovery (reloading last.pt at the end of an epoch) then has nothing to do.
+Every checkpoint the training loads (model=, pretrained=, resume=, last.pt, best.pt) goes through
+nanops.training.checkpoints: no code from the file runs; a crafted file is refused.
 
 Multi-GPU (`device=[0, 1]`): ultralytics pickles the trainer's callbacks (with cloudpickle) for
 the workers it launches, so the Protection travels with them and each worker patches its own
@@ -28,11 +30,14 @@ batch went non-finite.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .. import _distributed, patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
+from ..training.checkpoints import checkpoint_loading
 from ..training.divergence import DivergenceWatch, Diverged, events_of_every_rank, likely_cause, message
 from ..training.locate import RngState, _cuda_devices, locate_forward
 from ..training.scaler import GradScaler
@@ -65,10 +70,19 @@ class Protection:
         self._rng: RngState | None = None
         self._rng_devices: list[int] | None = None  # found at a training's first batch
         self._hook = None
+        self._loading: contextlib.ExitStack | None = None  # the checkpoint policy, while a training runs
         self._handled_skips = 0                 # skipped steps already reported (on every rank)
         self._skipped_epochs: set[int] = set()  # epochs with a skipped step (on every rank)
 
     # --- ultralytics callbacks --------------------------------------------------------------
+    def on_pretrain_routine_start(self, trainer) -> None:
+        # Every checkpoint the trainer loads from here on (its model or pretrained weights, the
+        # NaN recovery's last.pt, the final validation's best.pt) runs no code from the file; in
+        # a multi-GPU worker too, where protect's wrapper of model.train does not reach.
+        if self._loading is None:
+            self._loading = contextlib.ExitStack()
+            self._loading.enter_context(checkpoint_loading())
+
     def on_pretrain_routine_end(self, trainer) -> None:
         model = _unwrap(trainer.model)
         patching.patch(model)
@@ -149,6 +163,12 @@ class Protection:
 
     def teardown(self, trainer) -> None:
         self._release()
+        self.stop_loading()
+
+    def stop_loading(self) -> None:
+        if self._loading is not None:
+            self._loading.close()
+            self._loading = None
 
     # --- the guarded step ---------------------------------------------------------------------
     def _optimizer_step(self, trainer) -> None:
@@ -202,7 +222,19 @@ def protect(model, on_divergence: str = "warn") -> Protection:
     `promoted` the modules run in float32 after a float16 overflow and `divergences` the
     messages of a lost run (on_divergence="stop" raises nanops.Diverged at the epoch's end)."""
     protection = Protection(on_divergence)
-    for event in ("on_pretrain_routine_end", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end",
-                  "on_train_end", "teardown"):
+    for event in ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_batch_start",
+                  "on_train_batch_end", "on_train_epoch_end", "on_train_end", "teardown"):
         model.add_callback(event, getattr(protection, event))
+    train = model.train
+
+    def protected_train(*args, **kwargs):
+        # The trainer loads checkpoints as it is built (resume=..., model=...pt), before any
+        # callback runs: the whole call loads under nanops' checkpoint policy.
+        with checkpoint_loading():
+            try:
+                return train(*args, **kwargs)
+            finally:
+                protection.stop_loading()  # the callbacks' policy, inside this one (a training that failed)
+
+    model.train = protected_train  # this object's training only (an instance attribute)
     return protection

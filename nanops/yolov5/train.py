@@ -44,7 +44,7 @@ from ..training.scaler import GradScaler
 from ..training.skips import SKIPPED_CSV, SkippedStep, SkipReport, agree_on_where, describe, replay_where
 from ..training.window import MicroBatchWindow
 from .hyp import HypError, hyp_warnings
-from .env import checkpoint_loading, prepare_environment, quiet_yolov5_import
+from .env import UntrustedCheckpoint, checkpoint_loading, prepare_environment, quiet_yolov5_import
 
 __all__ = ["SKIPPED_CSV", "SkippedStep", "inject_nonfinite_input", "main", "run", "run_plain"]
 
@@ -497,7 +497,7 @@ def run_plain(**kwargs) -> Path:
     from yolov5.utils.callbacks import Callbacks
 
     opt = _options(kwargs)
-    with checkpoint_loading():  # torch >= 2.6 refuses yolov5's own checkpoints without an allow-list
+    with checkpoint_loading():  # yolov5's own checkpoints load; no code from a file runs
         sys.modules["yolov5.train"].main(opt, callbacks=Callbacks())
     return Path(opt.save_dir)
 
@@ -522,6 +522,9 @@ def main(argv: list[str]) -> int:
         opt = yolov5_train.parse_opt()  # yolov5's own parser: unknown flags get its usage and exit 2
     try:
         protection = _train(opt, policy)
+    except UntrustedCheckpoint as err:  # one line: the file, what it names, the opt-out
+        print(err, file=sys.stderr)
+        return 2
     except (AssertionError, FileNotFoundError, pickle.UnpicklingError) as err:
         # yolov5 reports bad paths and arguments by assertion; its message, without our frames.
         print(f"nanops train: {err}", file=sys.stderr)
