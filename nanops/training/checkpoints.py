@@ -24,6 +24,7 @@ files the user trusts). Tensors are read by torch.load itself (its persistent lo
 from __future__ import annotations
 
 import _compat_pickle
+import argparse
 import contextlib
 import copyreg
 import functools
@@ -49,7 +50,7 @@ IMPORTABLE = frozenset({
     "ultralytics.nn.tasks", "ultralytics.nn.modules", "ultralytics.nn.modules.block",
     "ultralytics.nn.modules.conv", "ultralytics.nn.modules.head", "ultralytics.nn.modules.transformer",
     "ultralytics.nn.modules.activation", "ultralytics.nn.modules.utils",
-    "nanops.nn", "nanops.patching",
+    "nanops.nn", "nanops.patching", "ultralytics.utils",
 })
 _RENAMED_PACKAGES = (("models.", "yolov5.models."),)  # a yolov5 clone's layout -> the package
 
@@ -107,6 +108,11 @@ def _safe_globals() -> dict:
     return found
 
 
+# Plain attribute holders a trainer pickles its arguments in (ultralytics' args; argparse's): made
+# empty (no argument a file chooses reaches them) and given their saved attributes.
+NAMESPACES = frozenset({"types.SimpleNamespace", "argparse.Namespace", "ultralytics.utils.IterableSimpleNamespace"})
+
+
 class LoadPolicy:
     """What a checkpoint may name and call (see the module docstring)."""
 
@@ -114,6 +120,7 @@ class LoadPolicy:
         self.globals = _safe_globals()  # shared, read only
         self.callables = {id(v) for v in self.globals.values() if callable(v)} - {id(copyreg._reconstructor)}
         self.module_classes: set[type] = set()
+        self.namespaces: set[type] = set()
         self._numpy_types = _numpy_types()
 
     # --- GLOBAL ---------------------------------------------------------------------------------
@@ -124,11 +131,29 @@ class LoadPolicy:
         for old, new in _RENAMED_PACKAGES:
             if module.startswith(old) and not module.startswith(new):
                 module = new + module[len(old):]
+        if qualified in NAMESPACES:
+            namespace = self._namespace_class(module, name)
+            if namespace is not None:
+                self.namespaces.add(namespace)
+                return namespace
         cls = self._module_class(module, name)
         if cls is None:
             raise UntrustedCheckpoint(f"it names {qualified}, which no model checkpoint holds")
         self.module_classes.add(cls)
         return cls
+
+    def _namespace_class(self, module: str, name: str) -> type | None:
+        loaded = sys.modules.get(module)
+        if loaded is None and (module in IMPORTABLE or module in ("types", "argparse")):
+            with contextlib.suppress(ImportError):
+                loaded = importlib.import_module(module)
+        cls = getattr(loaded, name, None)
+        plain = (types.SimpleNamespace, argparse.Namespace)
+        # Their __new__ is C's or object's, never the file's business: an override disqualifies.
+        if isinstance(cls, type) and issubclass(cls, plain) and cls.__new__ in (object.__new__,
+                                                                               types.SimpleNamespace.__new__):
+            return cls
+        return None
 
     def _module_class(self, module: str, name: str) -> type | None:
         if "." in name or not module.startswith(MODULE_PREFIXES):
@@ -144,6 +169,10 @@ class LoadPolicy:
 
     # --- REDUCE, NEWOBJ, BUILD ------------------------------------------------------------------
     def call(self, func, args):
+        if func in self.namespaces:
+            if args != ():
+                raise UntrustedCheckpoint(f"it calls {_name(func)}{_short(args)}")
+            return func.__new__(func)
         if func is copyreg._reconstructor:
             cls, base, state = args if isinstance(args, tuple) and len(args) == 3 else (None, None, None)
             if cls in self.module_classes and base is object and state is None:
@@ -156,6 +185,8 @@ class LoadPolicy:
         return func(*args)
 
     def new(self, cls, args):
+        if cls in self.namespaces and not args:
+            return cls.__new__(cls)
         if cls in self.module_classes:
             if args:
                 raise UntrustedCheckpoint(f"it calls {_name(cls)}.__new__ with arguments {_short(args)}")
@@ -181,7 +212,9 @@ class LoadPolicy:
                 setstate(inst, state)  # torch's own: fills in attributes older releases lacked
             else:
                 nn.Module.__setstate__(inst, state)  # a library class's own __setstate__ is not run
-        elif kind is OrderedDict:
+        elif kind is OrderedDict or kind in self.namespaces:
+            if not isinstance(state, dict):
+                raise UntrustedCheckpoint(f"it gives a {_name(kind)} the state {_short(state)}, not a dict")
             inst.__dict__.update(state)
         elif id(kind) in self._numpy_types:
             inst.__setstate__(state)  # numpy's C rebuild of a dtype or an array

@@ -74,6 +74,13 @@ class Protection:
         self._handled_skips = 0                 # skipped steps already reported (on every rank)
         self._skipped_epochs: set[int] = set()  # epochs with a skipped step (on every rank)
 
+    def __getstate__(self) -> dict:
+        # Pickled with the trainer for a multi-GPU launch: the policy in force here is this
+        # process's (a worker enters its own when its trainer is rebuilt).
+        state = dict(self.__dict__)
+        state["_loading"] = None
+        return state
+
     # --- ultralytics callbacks --------------------------------------------------------------
     def on_pretrain_routine_start(self, trainer) -> None:
         # Every checkpoint the trainer loads from here on (its model or pretrained weights, the
