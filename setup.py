@@ -2,9 +2,14 @@
 
 Environment:
   NANOPS_CUDA=0/1         force the CUDA kernels off/on (default: auto-detect)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;9.0+PTX": A100, H100/H200, PTX for newer)
+  TORCH_CUDA_ARCH_LIST    GPU architectures. Unset: on a machine with a GPU, that GPU's (torch's own
+                          rule); without one (CI, a wheel for others), DEFAULT_ARCHS: cubins for
+                          Turing, Ampere/Ada and Hopper, PTX of Hopper for newer GPUs (Blackwell)
   NANOPS_DEBUG=1          -O0 -g builds
   NANOPS_FRESH_BUILD=1    compile in a temporary folder instead of reusing ./build/obj
+
+A failed compile does not fail the install: nanops then runs every op on its PyTorch fallback
+(nanops/_fallback.py) and says so when imported.
 """
 import glob
 import os
@@ -13,6 +18,8 @@ import shutil
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# T4 / GTX 16xx / RTX 20xx; A100 (8.6 and 8.9 run the 8.0 cubin); H100/H200; PTX for newer GPUs.
+DEFAULT_ARCHS = "7.5;8.0;9.0+PTX"
 
 
 def _cuda_home() -> str | None:
@@ -39,31 +46,39 @@ def _extension():
         # Must be set before cpp_extension resolves nvcc; torch otherwise guesses /usr/local.
         os.environ.setdefault("CUDA_HOME", _cuda_home() or "")
         cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"]
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
 
     # One source list for every build: the same globs drive CMakeLists.txt.
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
         # Kernels in .cu (nvcc; no torch headers, see csrc/cuda/launch.h), their host sides in .cpp.
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
+        # The .cu files first, the largest first: ninja starts jobs in this order, and on two cores
+        # the build takes as long as its longest job started last.
+        kernels = sorted(glob.glob("csrc/cuda/*.cu"), key=lambda f: -os.path.getsize(f))
+        sources = kernels + sources + sorted(glob.glob("csrc/cuda/*.cpp"))
 
     debug = os.environ.get("NANOPS_DEBUG") == "1"
-    opt = ["-O0", "-g"] if debug else ["-O3"]
+    # Python's own CFLAGS carry -g: debug info of torch's headers costs a third of the C++ compile
+    # time (and most of the library's size), so a release build turns it off.
+    opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # -fopenmp: ATen's at::parallel_for is an inline `#pragma omp parallel`; without the flag
     # every CPU kernel would silently run on one thread.
     # -Wno-psabi: torch's vec256 headers return 256-bit vectors from inline helpers; GCC notes the
     # ABI differs from non-AVX code, which never matters here (each ISA copy calls only itself).
     cxx_flags = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
                        "-Wno-psabi"]
-    nvcc_flags = opt + ["--expt-relaxed-constexpr", "-lineinfo", "-Xcompiler=-Wall,-fopenmp"]
+    nvcc_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo",
+                                                          "-Xcompiler=-Wall,-fopenmp"]
     define_macros = [("NANOPS_WITH_CUDA", "1")] if with_cuda else []
 
-    include_dirs = [os.path.join(ROOT, "csrc")]
+    include_dirs = [os.path.join(ROOT, "csrc"), ROOT]  # ROOT: csrc/ops.cpp includes nanops/ops.def
     print(f"nanops build: cuda={with_cuda} arch={os.environ.get('TORCH_CUDA_ARCH_LIST')} "
           f"debug={debug} sources={len(sources)}")
     ext_type = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     return ext_type(
         name="nanops._C",
+        optional=True,  # no compiler, a failed compile: nanops installs and runs its fallback
         sources=sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
@@ -85,6 +100,16 @@ def _build_ext():
             if not os.environ.get("NANOPS_FRESH_BUILD"):
                 self.build_temp = os.path.join(ROOT, "build", "obj")
 
+        def build_extensions(self):
+            # The extension is optional, but torch checks the compiler before building any
+            # extension (outside setuptools' per-extension `optional` handling): a machine
+            # without a working compiler gets the package and its PyTorch fallback.
+            try:
+                super().build_extensions()
+            except Exception as err:  # noqa: BLE001  (any failure to compile: install without _C)
+                print(f"nanops: the compiled kernels could not be built ({type(err).__name__}: {err}); installing "
+                      "without them: every op runs its PyTorch fallback (same results, slower)")
+
     return BuildInTree.with_options(use_ninja=shutil.which("ninja") is not None)
 
 
@@ -94,6 +119,7 @@ setup(
     description="Fused NaN/Inf detection, stable softmax and grad clipping kernels for Transformer-YOLOv5 training",
     # The benchmark scripts ship too (as `nanops_benchmarks`), so `nanops bench` works from a wheel.
     packages=find_packages(include=["nanops", "nanops.*"]) + ["nanops_benchmarks"],
+    package_data={"nanops": ["ops.def"]},  # the op schemas: the fallback defines the ops from it
     package_dir={"nanops_benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},

@@ -56,7 +56,11 @@ def _cmd_check(args) -> int:
     import torch
 
     import nanops
+    from ._loader import describe
     from .yolov5 import build_transformer_model, patch
+
+    for line in describe():
+        print(line)
 
     try:
         model = build_transformer_model()

@@ -23,7 +23,7 @@ import torch
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from . import _distributed
-from .ops import _tensor_list, all_finite, check_device, norm_dtype
+from .ops import _tensor_list, all_finite, norm_dtype
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
 
@@ -63,7 +63,7 @@ def _check_state_tensor(t: torch.Tensor | None, name: str, device: torch.device)
 
 
 def _group_grads(grads: list[torch.Tensor]) -> tuple[dict[torch.device, list[torch.Tensor]], torch.dtype]:
-    """Checks the grads (floating point, a kernel for their device), groups them by device,
+    """Checks the grads (floating point), groups them by device,
     keeping their order within a device, and gives their norm dtype. The grouping is torch's C++
     helper (the one torch's clip_grad_norm_ uses): no Python loop over the grads."""
     keyed = _group_tensors_by_device_and_dtype([grads], with_indices=True)
@@ -73,10 +73,7 @@ def _group_grads(grads: list[torch.Tensor]) -> tuple[dict[torch.device, list[tor
         raise ValueError(f"gradient {i} has dtype {dtype}; only floating-point gradients can be clipped")
     indexed: dict[torch.device, list[tuple[list[int], list[torch.Tensor]]]] = {}
     for (device, _), ((tensors,), indices) in keyed.items():
-        if device not in indexed:
-            check_device(device, "clip_grad_norm_")
-            indexed[device] = []
-        indexed[device].append((indices, tensors))
+        indexed.setdefault(device, []).append((indices, tensors))
     groups: dict[torch.device, list[torch.Tensor]] = {}
     for device, parts in indexed.items():
         if len(parts) == 1:

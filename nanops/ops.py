@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from . import _distributed
-from ._loader import check_device
+from . import _loader  # noqa: F401  (chooses kernels or fallback for every op, once)
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor | None]
 
@@ -48,7 +48,6 @@ def _check_list(tensors: list[torch.Tensor], what: str) -> torch.device:
             # Sparse tensors dispatch to their own backend and would never reach our check.
             raise ValueError(f"{what}: tensors[{i}] has layout {t.layout}; only dense tensors are supported, "
                              "call .to_dense() first")
-    check_device(device, what)
     return device
 
 
@@ -63,17 +62,23 @@ def _as_list(tensors: TensorOrTensors, name: str) -> list[torch.Tensor] | tuple[
         return [tensors]
     if type(tensors) is list or type(tensors) is tuple:
         return tensors
-    return _tensor_list(tensors, name)
+    if hasattr(tensors, "__array__"):
+        return _tensor_list(tensors, name)  # refuses it, naming the type
+    try:
+        return list(tensors)  # a generator, say: its None entries kept, so rows can line up
+    except TypeError:
+        return _tensor_list(tensors, name)
 
 
 def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], torch.Tensor],
-                  over_shards: Callable | None = None) -> torch.Tensor:
+                  over_shards: Callable | None = None, rows: bool = False) -> torch.Tensor:
     """op(list) with the checks in C++ only. When the op refuses the list (None entries, a
     non-tensor, several devices, a sparse tensor, a CUDA tensor in a CPU-only build, DTensors),
     the list is examined in Python: None entries are dropped and the op called again, anything
     else raises an error naming the argument. So a well-formed list costs no per-tensor Python
     work. DTensors (FSDP2 grads) go to `over_shards(op, shards)`, which runs the op on the local
-    shards and reduces the result over the mesh."""
+    shards and reduces the result over the mesh. rows: the result has a row per tensor, and a
+    None entry gets a row of zeros in its place (the rows line up with the list given)."""
     tensor_list = _as_list(tensors, f"{what}: tensors")
     if not tensor_list:
         return empty()
@@ -81,6 +86,8 @@ def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], t
         return op(tensor_list)
     except (TypeError, RuntimeError):  # NotImplementedError and ValueError's C++ twin included
         checked = _tensor_list(tensor_list, f"{what}: tensors")
+        if rows and len(checked) < len(tensor_list):
+            return _rows_in_place(op, tensor_list, checked, what, empty, over_shards)
         if not checked:
             return empty()
         if _distributed.any_sharded(checked):
@@ -89,6 +96,16 @@ def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], t
             return over_shards(op, shards)
         _check_list(checked, what)
         return op(checked)
+
+
+def _rows_in_place(op, given: list, present: list[torch.Tensor], what: str, empty, over_shards) -> torch.Tensor:
+    """The op's rows for the tensors of `given`, zeros where it holds None."""
+    if not present:
+        return empty().new_zeros((len(given), 3))
+    counts = _call_list_op(op, present, what, empty, over_shards)
+    out = counts.new_zeros((len(given), counts.shape[1]))
+    where = torch.tensor([i for i, t in enumerate(given) if t is not None], device=counts.device)
+    return out.index_copy_(0, where, counts)
 
 
 def _counts_over_shards(op, shards: _distributed.LocalShards) -> torch.Tensor:
@@ -112,17 +129,18 @@ def nonfinite_counts(tensors: TensorOrTensors) -> torch.Tensor:
     """Counts NaN, +Inf and -Inf in every tensor of a list, in one fused pass.
 
     Args:
-        tensors: a tensor or an iterable of tensors (None entries are skipped), all on one
-            device. float32/float16/bfloat16/float64 are scanned; integer and bool tensors hold
-            no NaN or Inf and count as finite (their row is zeros).
+        tensors: a tensor or an iterable of tensors, all on one device; None entries (the .grad
+            of a parameter without one) get a row of zeros. float32/float16/bfloat16/float64 are
+            scanned; integer and bool tensors hold no NaN or Inf and count as finite (zeros).
 
     Returns:
-        int64 tensor of shape (len(tensors), 3) on the tensors' device: columns are the counts of
-        NaN, +Inf and -Inf. Nothing is copied to the host. DTensors (FSDP2 grads) are counted
-        whole: the local shards' counts are summed over the mesh (every rank must call it).
+        int64 tensor of shape (len(tensors), 3) on the tensors' device, row i for tensors[i]:
+        columns are the counts of NaN, +Inf and -Inf. Nothing is copied to the host. DTensors
+        (FSDP2 grads) are counted whole: the local shards' counts are summed over the mesh
+        (every rank must call it).
     """
     return _call_list_op(torch.ops.nanops.nonfinite_counts.default, tensors, "nonfinite_counts",
-                         lambda: torch.zeros(0, 3, dtype=torch.long), _counts_over_shards)
+                         lambda: torch.zeros(0, 3, dtype=torch.long), _counts_over_shards, rows=True)
 
 
 def all_finite(tensors: TensorOrTensors) -> torch.Tensor:
@@ -218,7 +236,6 @@ def stable_softmax(
             raise ValueError(f"stable_softmax: mask is on {mask.device} but x is on {x.device}")
     if _exporting():
         return _stable_softmax_composite(x, dim, float(scale), mask)
-    check_device(x.device, "stable_softmax")
     return torch.ops.nanops.stable_softmax.default(x, dim, float(scale), mask)
 
 

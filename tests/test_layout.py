@@ -17,7 +17,7 @@ TOP = 4
 
 
 OPS_MODULES = ("ops", "clip", "attention", "fused_attention", "transformer_layer", "nn", "patching", "_loader",
-               "_distributed", "_torch_private", "_C")
+               "_fallback", "_distributed", "_torch_private", "_C")
 
 
 def _layer(module: str) -> int:

@@ -73,7 +73,11 @@ def test_empty_list_empty_tensors_none_and_generators(device):
     assert bool(nanops.all_finite([]))
     t = planted(10, torch.float32, device, [2])
     out = nanops.nonfinite_counts(x for x in [torch.empty(0, device=device), None, t, torch.empty(3, 0, device=device)])
-    torch.testing.assert_close(out.cpu(), torch.tensor([[0, 0, 0], [1, 0, 0], [0, 0, 0]]))
+    # one row per entry, None included (a parameter without a .grad), so rows line up with the list
+    torch.testing.assert_close(out.cpu(), torch.tensor([[0, 0, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]]))
+    grads = [None, t, None]
+    torch.testing.assert_close(nanops.nonfinite_counts(grads).cpu(), torch.tensor([[0, 0, 0], [1, 0, 0], [0, 0, 0]]))
+    assert nanops.nonfinite_counts([None, None]).tolist() == [[0, 0, 0], [0, 0, 0]]
     assert nanops.nonfinite_counts(t).shape == (1, 3)
 
 

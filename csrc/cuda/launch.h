@@ -92,6 +92,10 @@ cudaError_t launch_clip_coef(const double* rows, int64_t n, NormKind kind, doubl
 // float32 elements); nothing is written when it is 1.
 cudaError_t launch_scale_tensors(const std::vector<DeviceView>& views, const double* coef, cudaStream_t stream);
 
+// Whether this build has a kernel image for CUDA device `device`: 1 yes, 0 no (built for other
+// GPUs), -1 no such device. Launches nothing.
+int kernels_run_on(int device);
+
 // Whether launch_softmax_* can take `rows` rows of `len` elements in one launch.
 bool softmax_rows_fit(int64_t rows, int64_t len);
 

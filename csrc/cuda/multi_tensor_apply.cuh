@@ -24,8 +24,13 @@ namespace nanops::cuda {
 
 constexpr int64_t kChunkSize = 65536;  // elements per block
 constexpr int kBlockThreads = 512;
-// Four blocks of 512 threads fill an SM (2048 threads): at most 32 registers per thread.
+// Four blocks of 512 threads fill an SM (2048 threads): at most 32 registers per thread. Turing
+// (sm_75) holds 1024 threads per SM: two blocks there (as torch's C10_MIN_BLOCKS_PER_SM does).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 750
+constexpr int kMinBlocksPerSM = 2;
+#else
 constexpr int kMinBlocksPerSM = 4;
+#endif
 constexpr int kMaxKernelParamBytes = 32764;  // CUDA >= 12.1, compute capability >= 7.0
 constexpr int kSmallTable = 64;
 constexpr int kMidTable = 256;
