@@ -68,7 +68,9 @@ def _extension():
     # ABI differs from non-AVX code, which never matters here (each ISA copy calls only itself).
     cxx_flags = opt + ["-fopenmp", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-unknown-pragmas",
                        "-Wno-psabi"]
-    nvcc_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo",
+    # --threads: nvcc compiles a file's architectures side by side, so the longest kernel file does
+    # not run alone on one core at the end of the build.
+    nvcc_flags = (["-O0", "-g"] if debug else ["-O3"]) + ["--expt-relaxed-constexpr", "-lineinfo", "--threads", "3",
                                                           "-Xcompiler=-Wall,-fopenmp"]
     define_macros = [("NANOPS_WITH_CUDA", "1")] if with_cuda else []
 
@@ -119,7 +121,8 @@ setup(
     description="Fused NaN/Inf detection, stable softmax and grad clipping kernels for Transformer-YOLOv5 training",
     # The benchmark scripts ship too (as `nanops_benchmarks`), so `nanops bench` works from a wheel.
     packages=find_packages(include=["nanops", "nanops.*"]) + ["nanops_benchmarks"],
-    package_data={"nanops": ["ops.def"]},  # the op schemas: the fallback defines the ops from it
+    # ops.def: the op schemas (the fallback defines the ops from it); the ultralytics C3TR config.
+    package_data={"nanops": ["ops.def", "ultralytics/cfg/*.yaml"]},
     package_dir={"nanops_benchmarks": "benchmarks"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _build_ext()},

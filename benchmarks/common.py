@@ -1,6 +1,7 @@
 """Shared benchmark plumbing: device description, results JSON, the yolov5 grad list."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -53,6 +54,7 @@ def git_commit() -> str:
 
 def environment(device: torch.device) -> dict:
     return {
+        "date": datetime.date.today().isoformat(),
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,

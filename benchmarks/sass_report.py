@@ -1,8 +1,9 @@
 """What the CUDA kernels compile to on sm_90, read without a GPU: registers, spills, blocks per
 SM, load widths, whether a kernel's loads are all issued before the first loaded value is used,
-and MUFU.EX2 per softmax element.
+and MUFU.EX2 per softmax element a row runs.
 
-    python benchmarks/sass_report.py [--out benchmarks/results/sass]
+    python benchmarks/sass_report.py [--out DIR]   (default ./nanops-bench/sass; the committed
+                                                   file is benchmarks/results/sass/sm_90.json)
 
 Needs nvcc (CUDA 12.1+) and cuobjdump (the one inside triton's package will do). Compiles
 csrc/cuda/*.cu for sm_90 exactly as the kernels are (no torch headers), prints a markdown table
@@ -25,25 +26,31 @@ REGS_PER_SM = 65536
 MAX_THREADS_PER_SM = 2048
 MAX_BLOCKS_PER_SM = 32
 
-# (file, demangled-name pattern, block threads, elements per lane per row x rows per group, label)
+# (file, demangled-name pattern, block threads, elements per lane, exclusive exp paths, label).
+# Exclusive exp paths: the unmasked kernels hold two copies of the exp loop (one FFMA + EX2 with
+# the scale folded, for a positive scale; FADD + EX2 otherwise), of which a row runs one.
 KERNELS = [
-    ("stable_softmax", r"softmax_forward_warp<__half, \(nanops::MaskKind\)1, 9, true, true>", 128, 16,
-     "softmax fwd fp16, bool mask, L 257-512 (yolov5 C3TR at 640 px: L=400)"),
-    ("stable_softmax", r"softmax_forward_warp<float, \(nanops::MaskKind\)2, 9, true, true>", 128, 16,
-     "softmax fwd fp32, float mask, L 257-512"),
-    ("stable_softmax", r"softmax_forward_warp<__half, \(nanops::MaskKind\)0, 11, true, false>", 128, 64,
-     "softmax fwd fp16, no mask, L 1025-2048 (L=1600)"),
-    ("stable_softmax", r"softmax_forward_warp<__nv_bfloat16, \(nanops::MaskKind\)3, 6, true, true>", 128, 4,
-     "softmax fwd bf16, bf16 mask, L 33-64 (2 rows per 32 lanes)"),
-    ("stable_softmax", r"softmax_forward_block<__half, \(nanops::MaskKind\)1, true, true>", 512, None,
-     "softmax fwd fp16, bool mask, L > 2048, row cached in shared memory"),
-    ("stable_softmax", r"softmax_backward_warp<__half, 9, true>", 128, 16, "softmax bwd fp16, L 257-512"),
-    ("stable_softmax", r"softmax_backward_block<__half, true, true>", 512, None, "softmax bwd fp16, L > 2048, cached"),
-    ("grad_norm", r"multi_tensor_kernel<1152, .*NormPartialOp<\(nanops::NormKind\)2>", 512, None,
+    ("stable_softmax", r"softmax_forward_warp<__half, \(nanops::MaskKind\)1, 2>", 128, 16, 1,
+     "softmax fwd fp16, bool mask, L=400 (yolov5 C3TR at 640 px): 2 packs of 8 per lane"),
+    ("stable_softmax", r"softmax_forward_warp<float, \(nanops::MaskKind\)2, 4>", 128, 16, 1,
+     "softmax fwd fp32, float mask, L=400: 4 packs of 4 per lane"),
+    ("stable_softmax", r"softmax_forward_warp<__half, \(nanops::MaskKind\)0, 7>", 128, 56, 2,
+     "softmax fwd fp16, no mask, L=1600 (1280 px): 7 packs of 8 per lane"),
+    ("stable_softmax", r"softmax_forward_warp<float, \(nanops::MaskKind\)0, 13>", 128, 52, 2,
+     "softmax fwd fp32, no mask, L=1600: 13 packs of 4 per lane"),
+    ("stable_softmax", r"softmax_forward_warp<__nv_bfloat16, \(nanops::MaskKind\)3, 1>", 128, 8, 1,
+     "softmax fwd bf16, bf16 mask, L=64 (8 lanes per row, 4 rows per warp)"),
+    ("stable_softmax", r"softmax_forward_block<__half, \(nanops::MaskKind\)1>", 512, None, 1,
+     "softmax fwd fp16, bool mask, L > 2048 (row cached in shared memory when it fits)"),
+    ("stable_softmax", r"softmax_backward_warp<__half, 2>", 128, 16, 1, "softmax bwd fp16, L=400"),
+    ("stable_softmax", r"softmax_backward_warp<__half, 7>", 128, 56, 1, "softmax bwd fp16, L=1600"),
+    ("stable_softmax", r"softmax_backward_block<__half>", 512, None, 1, "softmax bwd fp16, L > 2048"),
+    ("grad_norm", r"multi_tensor_kernel<1152, .*NormPartialOp<\(nanops::NormKind\)2>", 512, None, 1,
      "grad norm p=2 (+ last-block combine and clip coefficient)"),
-    ("grad_norm", r"multi_tensor_kernel<1152, .*ScaleOp>", 512, None, "clip scale"),
-    ("nonfinite_counts", r"multi_tensor_kernel<1152, .*CountNonfinite>", 512, None, "nonfinite_counts"),
-    ("nonfinite_counts", r"multi_tensor_kernel<1152, .*FlagNonfinite>", 512, None, "all_finite / nonfinite_flag"),
+    ("grad_norm", r"multi_tensor_kernel<1152, .*ScaleOp>", 512, None, 1, "clip scale"),
+    ("nonfinite_counts", r"multi_tensor_kernel<256, .*CountNonfinite>", 512, None, 1,
+     "nonfinite_counts (256-entry table: yolov5s's 182 grads)"),
+    ("nonfinite_counts", r"multi_tensor_kernel<256, .*FlagNonfinite>", 512, None, 1, "all_finite / nonfinite_flag"),
 ]
 
 
@@ -71,7 +78,7 @@ def compile_file(stem: str, work: Path) -> tuple[str, str]:
     """(ptxas resource report, SASS) of csrc/cuda/<stem>.cu for sm_90."""
     cubin = work / f"{stem}.cubin"
     res = subprocess.run([_tool("nvcc"), "-cubin", "-arch=sm_90", "-O3", "--expt-relaxed-constexpr", "-std=c++20",
-                          f"-I{ROOT / 'csrc'}", "--resource-usage", str(ROOT / "csrc" / "cuda" / f"{stem}.cu"),
+                          f"-I{ROOT / 'csrc'}", f"-I{ROOT}", "--resource-usage", str(ROOT / "csrc" / "cuda" / f"{stem}.cu"),
                           "-o", str(cubin)], capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"sass_report: nvcc failed on {stem}.cu:\n{res.stderr[-3000:]}")
@@ -152,12 +159,13 @@ def blocks_per_sm(registers: int, threads: int, smem: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sass"))
+    parser.add_argument("--out", default="nanops-bench/sass",
+                        help="folder for sm_90.json (default ./%(default)s; benchmarks/results/sass is the committed one)")
     args = parser.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         compiled = {stem: compile_file(stem, Path(tmp)) for stem in sorted({k[0] for k in KERNELS})}
-        for stem, pattern, threads, elems, label in KERNELS:
+        for stem, pattern, threads, elems, paths, label in KERNELS:
             report, sass = compiled[stem]
             table = resources(report)
             matches = [name for name in table if re.search(pattern, name)]
@@ -169,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                    "blocks_per_sm": blocks_per_sm(info["registers"], threads, info["static_smem"]),
                    "threads": threads}
             if elems:
-                row["ex2_per_element"] = analysis["mufu_ex2"] / elems
+                row["ex2_per_element"] = analysis["mufu_ex2"] / elems / paths
             rows.append(row)
     print("| kernel | regs | spills (st/ld B) | blocks/SM | loads | loads issued before first use | EX2/element |")
     print("|---|---|---|---|---|---|---|")

@@ -153,6 +153,51 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The `nanops` command line (train's flags are yolov5's own parser's)."""
+    parser = argparse.ArgumentParser(prog="nanops", description="NaN-proof kernels for Transformer-YOLOv5 training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("train", help="yolov5's own training (any `yolov5 train` flag), protected by nanops",
+                   add_help=False)
+    demo = sub.add_parser("demo", help="plain yolov5 training vs nanops on a run with a corrupt batch; trains in a "
+                                       "temporary folder, writes only the plot")
+    demo.add_argument("--epochs", type=int, default=30, help="epochs of each of the three runs (default %(default)s)")
+    demo.add_argument("--corrupt-step", type=int, default=5,
+                      help="training batch, counted from 0 over the whole run, given a non-finite pixel "
+                           "(default %(default)s: epoch 1's second batch with the defaults)")
+    demo.add_argument("--batch", type=int, default=16, help="batch size (default %(default)s)")
+    demo.add_argument("--images", type=int, default=64, help="synthetic training images (default %(default)s)")
+    demo.add_argument("--img", type=int, default=64, help="image size, a multiple of 32 (default %(default)s)")
+    demo.add_argument("--plot", default="nanops_demo.png",
+                      help="where the chart of the three runs is written (default ./%(default)s)")
+    demo.add_argument("--no-plot", action="store_true", help="write no chart")
+    demo.set_defaults(fn=_cmd_demo)
+    check = sub.add_parser("check", help="what serves nanops' ops here (GPUs, kernels or fallback), then one "
+                                         "yolov5s-transformer forward/backward checked for NaN/Inf")
+    check.add_argument("--batch", type=int, default=2, help="images in the batch (default %(default)s)")
+    check.add_argument("--img", type=int, default=256, help="image size, a multiple of 32 (default %(default)s)")
+    check.add_argument("--patch", action="store_true", help="swap in nanops' stable attention first")
+    check.add_argument("--inject-nan", action="store_true", help="put a NaN in the input to see the report")
+    check.set_defaults(fn=_cmd_check)
+    doctor = sub.add_parser("doctor", help="check YOLO labels and hyperparameters for causes of NaN")
+    doctor.add_argument("data", nargs="?", help="a yolov5 data yaml, or a folder of YOLO label files")
+    doctor.add_argument("--hyp", help="a yolov5 hyp yaml to check")
+    doctor.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW", "RMSProp"],
+                        help="the optimizer the hyp is used with (default %(default)s)")
+    doctor.add_argument("--fix-to", help="write cleaned copies of the label files into this folder (originals "
+                                         "untouched; no default: nothing is written without it)")
+    doctor.add_argument("--max-report", type=int, default=200, help="print at most this many problems "
+                                                                    "(default %(default)s)")
+    doctor.set_defaults(fn=_cmd_doctor)
+    bench = sub.add_parser("bench", help="run every benchmark on this device; one table, JSON and a chart")
+    bench.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip); default: all")
+    bench.add_argument("--out", default="nanops-bench",
+                       help="results folder: DIR/<device>/ (default ./%(default)s; the checkout's committed "
+                            "reports are benchmarks/results)")
+    bench.set_defaults(fn=_cmd_bench)
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
@@ -160,39 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         from .yolov5.train import main as train_main
 
         return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="nanops", description="NaN-proof kernels for Transformer-YOLOv5 training")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("train", help="yolov5's own training (any `yolov5 train` flag), protected by nanops",
-                   add_help=False)
-    demo = sub.add_parser("demo", help="plain yolov5 training vs nanops on a run with a corrupt batch")
-    demo.add_argument("--epochs", type=int, default=30)
-    demo.add_argument("--corrupt-step", type=int, default=5, help="training batch (from 0) given a non-finite pixel")
-    demo.add_argument("--batch", type=int, default=16)
-    demo.add_argument("--images", type=int, default=64, help="synthetic training images")
-    demo.add_argument("--img", type=int, default=64)
-    demo.add_argument("--plot", default="nanops_demo.png")
-    demo.add_argument("--no-plot", action="store_true")
-    demo.set_defaults(fn=_cmd_demo)
-    check = sub.add_parser("check", help="check a yolov5s-transformer forward/backward for NaN/Inf")
-    check.add_argument("--batch", type=int, default=2)
-    check.add_argument("--img", type=int, default=256)
-    check.add_argument("--patch", action="store_true", help="swap in nanops' TransformerLayer first")
-    check.add_argument("--inject-nan", action="store_true", help="put a NaN in the input to see the report")
-    check.set_defaults(fn=_cmd_check)
-    doctor = sub.add_parser("doctor", help="check YOLO labels and hyperparameters for causes of NaN")
-    doctor.add_argument("data", nargs="?", help="a yolov5 data yaml, or a folder of YOLO label files")
-    doctor.add_argument("--hyp", help="a yolov5 hyp yaml to check")
-    doctor.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW", "RMSProp"])
-    doctor.add_argument("--fix-to", help="write cleaned copies of the label files here (originals untouched)")
-    doctor.add_argument("--max-report", type=int, default=200, help="print at most this many problems")
-    doctor.set_defaults(fn=_cmd_doctor)
-    bench = sub.add_parser("bench", help="run every benchmark on this device; one table, JSON and a chart")
-    bench.add_argument("--only", help="comma-separated benchmark names (e.g. softmax,clip)")
-    bench.add_argument("--out", default="nanops-bench",
-                       help="results folder (default ./nanops-bench/<device>/; the checkout's committed reports "
-                            "are in benchmarks/results)")
-    bench.set_defaults(fn=_cmd_bench)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     return args.fn(args)
 
 

@@ -4,13 +4,12 @@ Every function here calls a ``torch.ops.nanops.*`` operator defined in csrc/ops.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 
 import torch
 
 from . import _distributed
-from . import _loader  # noqa: F401  (chooses kernels or fallback for every op, once)
+from . import _fallback, _loader  # noqa: F401  (_loader: kernels or fallback for every op, chosen once)
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor | None]
 
@@ -267,21 +266,9 @@ def _onnx_exporting() -> bool:
 
 
 def _stable_softmax_composite(x: torch.Tensor, dim: int, scale: float, mask: torch.Tensor | None) -> torch.Tensor:
-    """stable_softmax from standard ops, for exported graphs: the same result, fully masked rows
-    included, except that a row holding +inf logits gives NaN there (the kernel shares the mass)."""
-    acc = torch.promote_types(x.dtype, torch.float32)
-    z = x.to(acc) * scale
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            z = z.masked_fill(~mask, -math.inf)
-        else:
-            add = mask.to(acc)
-            z = torch.where(add == -math.inf, add, z + add)  # -inf masks, even a +inf or NaN logit
-    row_max = z.amax(dim, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    e = torch.exp(z - row_max)
-    total = e.sum(dim, keepdim=True)
-    return (e / torch.where(total > 0, total, torch.ones_like(total))).to(x.dtype)
+    """stable_softmax from standard ops, for exported graphs: the PyTorch fallback's, which gives
+    the kernels' answers (fully masked rows, +inf logits and NaN rows included)."""
+    return _fallback.stable_softmax(x, dim, scale, mask)
 
 
 @torch.library.register_fake("nanops::stable_softmax")

@@ -1,8 +1,11 @@
 """ultralytics' own trainer, plain and with nanops.ultralytics.protect, on a tiny synthetic dataset
 with one corrupt batch (CPU, 64 px, 8 images, 2 epochs, a C3TR layer in YOLOv8n)."""
+from pathlib import Path
+
 import pytest
 import torch
 
+import nanops.ultralytics
 from conftest import run_without_nanops
 from nanops.training.inject import inject_nonfinite_input
 from nanops.tools.synthetic import write_yolo_dataset
@@ -14,37 +17,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true"),
 ]
 
-# YOLOv8n with its last backbone C2f swapped for yolov5s-transformer's C3TR (nn.MultiheadAttention).
-YOLOV8N_C3TR = """
-nc: 3
-scales:
-  n: [0.33, 0.25, 1024]
-backbone:
-  - [-1, 1, Conv, [64, 3, 2]]
-  - [-1, 1, Conv, [128, 3, 2]]
-  - [-1, 3, C2f, [128, True]]
-  - [-1, 1, Conv, [256, 3, 2]]
-  - [-1, 6, C2f, [256, True]]
-  - [-1, 1, Conv, [512, 3, 2]]
-  - [-1, 6, C2f, [512, True]]
-  - [-1, 1, Conv, [1024, 3, 2]]
-  - [-1, 1, C3TR, [1024]]
-  - [-1, 1, SPPF, [1024, 5]]
-head:
-  - [-1, 1, nn.Upsample, [None, 2, "nearest"]]
-  - [[-1, 6], 1, Concat, [1]]
-  - [-1, 3, C2f, [512]]
-  - [-1, 1, nn.Upsample, [None, 2, "nearest"]]
-  - [[-1, 4], 1, Concat, [1]]
-  - [-1, 3, C2f, [256]]
-  - [-1, 1, Conv, [256, 3, 2]]
-  - [[-1, 12], 1, Concat, [1]]
-  - [-1, 3, C2f, [512]]
-  - [-1, 1, Conv, [512, 3, 2]]
-  - [[-1, 9], 1, Concat, [1]]
-  - [-1, 3, C2f, [1024]]
-  - [[15, 18, 21], 1, Detect, [nc]]
-"""
+# YOLOv8n with its last backbone C2f swapped for yolov5s-transformer's C3TR (nn.MultiheadAttention),
+# as nanops ships it for the README's ultralytics sample.
+YOLOV8N_C3TR = Path(nanops.ultralytics.YOLOV8N_C3TR).read_text()
 
 
 def _finite(module: torch.nn.Module) -> bool:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import nanops
-from nanops.patching import PatchedMultiheadAttention, PatchedWeightlessAttention
+from nanops.patching import PatchedWeightlessAttention
 from nanops.yolov5 import build_transformer_model, patch, unpatch
 
 

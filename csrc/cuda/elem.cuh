@@ -112,6 +112,52 @@ __device__ __forceinline__ void store_pack_streaming(T* p, const Pack<T, kCount>
   __stcs(reinterpret_cast<uint4*>(p), raw);
 }
 
+// A pack of kBytes (4, 8, 16 or 32) loaded only where `pred` holds, zeros elsewhere, with no
+// branch: a predicated ld.global (streaming: .cs, evict first) in inline PTX. A run of these is
+// issued back to back, every load in flight before the first value is used, where an if around
+// each load would make the compiler wait for one before issuing the next. A predicated-off load
+// touches no memory, so `p` may point anywhere then.
+template <int kBytes, bool kStreaming>
+__device__ __forceinline__ void load_bytes_if(bool pred, const void* p, uint32_t* out) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16 || kBytes == 32, "pack size");
+  if constexpr (kBytes == 32) {
+    load_bytes_if<16, kStreaming>(pred, p, out);
+    load_bytes_if<16, kStreaming>(pred, static_cast<const char*>(p) + 16, out + 4);
+  } else if constexpr (kBytes == 16) {
+    out[0] = out[1] = out[2] = out[3] = 0u;
+    if constexpr (kStreaming) {
+      asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+                   : "+r"(out[0]), "+r"(out[1]), "+r"(out[2]), "+r"(out[3]) : "l"(p), "r"(static_cast<int>(pred)));
+    } else {
+      asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %5, 0;\n @q ld.global.v4.u32 {%0, %1, %2, %3}, [%4];\n}"
+                   : "+r"(out[0]), "+r"(out[1]), "+r"(out[2]), "+r"(out[3]) : "l"(p), "r"(static_cast<int>(pred)));
+    }
+  } else if constexpr (kBytes == 8) {
+    out[0] = out[1] = 0u;
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %3, 0;\n @q ld.global.v2.u32 {%0, %1}, [%2];\n}"
+                 : "+r"(out[0]), "+r"(out[1]) : "l"(p), "r"(static_cast<int>(pred)));
+  } else {
+    out[0] = 0u;
+    asm volatile("{\n .reg .pred q;\n setp.ne.b32 q, %2, 0;\n @q ld.global.u32 %0, [%1];\n}"
+                 : "+r"(out[0]) : "l"(p), "r"(static_cast<int>(pred)));
+  }
+}
+
+template <typename T, int kCount, bool kStreaming = false>
+__device__ __forceinline__ Pack<T, kCount> load_pack_if(bool pred, const T* p) {
+  constexpr int kBytes = static_cast<int>(sizeof(Pack<T, kCount>));
+  Pack<T, kCount> out;
+  if constexpr (kBytes < 4) {  // a 2-byte bool mask pack of float64 x: rare, a plain select
+    __builtin_memset(&out, 0, kBytes);
+    if (pred) out = *reinterpret_cast<const Pack<T, kCount>*>(p);
+  } else {
+    uint32_t raw[kBytes / 4];
+    load_bytes_if<kBytes, kStreaming>(pred, p, raw);
+    __builtin_memcpy(&out, raw, kBytes);
+  }
+  return out;
+}
+
 // Calls fn(T{}) with the device type of `type` (__half and __nv_bfloat16 for the 16-bit ones).
 template <typename Fn>
 inline void with_elem_type(ElemType type, Fn&& fn) {

@@ -312,7 +312,7 @@ cudaError_t launch_grad_norm(const std::vector<DeviceView>& views, NormKind kind
     }
     unsigned* finished = reinterpret_cast<unsigned*>(scratch + chunks * kSummaryFields);
     if ((err = cudaMemsetAsync(finished, 0, sizeof(unsigned), stream)) != cudaSuccess) return;
-    err = multi_tensor_apply(views, stream,
+    err = multi_tensor_apply<Tables::Large>(views, stream,
                              NormPartialOp<kKind>{p, DeviceScalar(inv_scale), scratch, finished, chunks, out});
   });
   return err;
@@ -327,7 +327,7 @@ cudaError_t launch_clip_coef(const double* rows, int64_t n, NormKind kind, doubl
 }
 
 cudaError_t launch_scale_tensors(const std::vector<DeviceView>& views, const double* coef, cudaStream_t stream) {
-  return multi_tensor_apply(views, stream, ScaleOp{coef});
+  return multi_tensor_apply<Tables::Large>(views, stream, ScaleOp{coef});
 }
 
 }  // namespace nanops::cuda

@@ -5,9 +5,9 @@
 // in a CUDA graph). CUDA 12.1+ on Volta and newer takes 32764 bytes of parameters, so a table
 // holds 1152 tensors and any number of chunks: a block finds its tensor by a binary search over
 // the tensors' first chunk numbers. yolov5s's 182 grads and a 1e9-element tensor are one launch
-// each; only lists longer than 1152 tensors take more. Shorter lists use a 64-entry table (and the
-// NaN checks a 256-entry one), so the driver copies 1.5 KB (6.4 KB for yolov5s's 182 grads) of
-// parameters per launch instead of 28 KB: the launch's host time grows with the parameter block. Tensors of different dtypes
+// each; only lists longer than 1152 tensors take more. The NaN checks also have 64- and 256-entry
+// tables (see Tables), so the driver copies 1.5 KB (6.4 KB for yolov5s's 182 grads) of parameters
+// per launch instead of 28 KB: the launch's host time grows with the parameter block. Tensors of different dtypes
 // share a launch: each slot carries its dtype, switched on once per block.
 #pragma once
 
@@ -118,26 +118,30 @@ cudaError_t multi_tensor_launches(const std::vector<DeviceView>& views, cudaStre
   return n > 0 ? launch() : cudaSuccess;
 }
 
+// Which launch tables an op is built with. All: 64, 256 and 1152 entries, for ops whose launch is
+// host-bound on short lists (the NaN checks: the driver copies 1.5 KB or 6.4 KB of parameters
+// instead of 28 KB). Large: 1152 only, for the heavy norm kernels (each table is one more
+// instantiation of every kernel: compile time on every architecture).
+enum class Tables { All, Large };
+
 // Launches multi_tensor_kernel over every chunk of `views` (empty views must be left out by the
 // caller), in as few launches as the table allows. Chunk ids run 0 .. total_chunks(views)-1 in
-// list order. Returns the first launch error (later launches are not made). kMid: a 256-entry
-// table too, for ops whose launch is host-bound (the NaN checks: one instantiation more per op,
-// which the heavier norm kernels are spared).
-template <bool kMid = false, typename Op>
+// list order. Returns the first launch error (later launches are not made).
+template <Tables kTables = Tables::All, typename Op>
 cudaError_t multi_tensor_apply(const std::vector<DeviceView>& views, cudaStream_t stream, const Op& op) {
-  if (views.size() <= static_cast<size_t>(kSmallTable)) return multi_tensor_launches<kSmallTable>(views, stream, op);
-  if constexpr (kMid) {
+  if constexpr (kTables == Tables::All) {
+    if (views.size() <= static_cast<size_t>(kSmallTable)) return multi_tensor_launches<kSmallTable>(views, stream, op);
     if (views.size() <= static_cast<size_t>(kMidTable)) return multi_tensor_launches<kMidTable>(views, stream, op);
   }
   return multi_tensor_launches<kLargeTable>(views, stream, op);
 }
 
-// Number of launches multi_tensor_apply<kMid> makes for `views` (reported by the benchmarks).
-template <bool kMid = false>
+// Number of launches multi_tensor_apply<kTables> makes for `views` (reported by the benchmarks).
+template <Tables kTables = Tables::All>
 inline int64_t multi_tensor_launch_count(const std::vector<DeviceView>& views) {
-  const int64_t capacity = views.size() <= static_cast<size_t>(kSmallTable)            ? kSmallTable
-                           : kMid && views.size() <= static_cast<size_t>(kMidTable) ? kMidTable
-                                                                                      : kLargeTable;
+  int64_t capacity = kLargeTable;
+  if (kTables == Tables::All && views.size() <= static_cast<size_t>(kSmallTable)) capacity = kSmallTable;
+  else if (kTables == Tables::All && views.size() <= static_cast<size_t>(kMidTable)) capacity = kMidTable;
   return views.empty() ? 0 : (static_cast<int64_t>(views.size()) + capacity - 1) / capacity;
 }
 

@@ -74,15 +74,15 @@ int64_t total_chunks(const std::vector<DeviceView>& views) {
   return total;
 }
 
-int64_t launch_count(const std::vector<DeviceView>& views) { return multi_tensor_launch_count<true>(views); }
+int64_t launch_count(const std::vector<DeviceView>& views) { return multi_tensor_launch_count<Tables::All>(views); }
 
 cudaError_t launch_nonfinite_counts(const std::vector<DeviceView>& views, unsigned long long* counts,
                                     cudaStream_t stream) {
-  return multi_tensor_apply<true>(views, stream, CountNonfinite{counts});
+  return multi_tensor_apply<Tables::All>(views, stream, CountNonfinite{counts});
 }
 
 cudaError_t launch_nonfinite_flag(const std::vector<DeviceView>& views, FlagOut out, cudaStream_t stream) {
-  return multi_tensor_apply<true>(views, stream, FlagNonfinite{out});
+  return multi_tensor_apply<Tables::All>(views, stream, FlagNonfinite{out});
 }
 
 }  // namespace nanops::cuda

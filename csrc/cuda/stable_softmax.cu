@@ -13,8 +13,9 @@
 // memory, an online max/sum pass and a write pass.
 //
 // Template parameters: the element type, the mask kind and (warp kernels) the packs per lane;
-// alignment, vector mask reads and row widths are run-time flags, uniform over a launch, so the
-// library holds a few dozen kernels instead of one per combination.
+// alignment, vector mask reads, row widths and (block kernels) whether the row fits shared memory
+// are run-time flags, uniform over a launch: the library holds about 130 softmax kernels where one
+// per combination would be several hundred, and each is compiled for every GPU architecture.
 #include <algorithm>
 #include <mutex>
 #include <type_traits>
@@ -39,33 +40,22 @@ constexpr int max_warp_packs() {
   return std::is_same_v<T, double> ? 0 : pack_elems<T>() == 4 ? 16 : 8;
 }
 
-// The logits of pack `pack` of row xr (exp domain; -inf outside the row). raw: x itself (the
-// caller folds the scale into the exp). A full pack, the common case, is one vector load and no
+// The logits of a lane's packs (exp domain; -inf outside the row) from their loaded x and mask
+// elements. raw: x itself (the caller folds the scale into the exp). Full packs take no
 // per-element bounds test.
-template <MaskKind kKind, typename T, typename M, typename A, int V>
-__device__ __forceinline__ void row_logits(const RowPacks<T>& packs, const T* xr, int pack, const M* mrow,
-                                           int64_t mask_stride, bool mask_vec, A scale_log2, bool raw, A (&z)[V]) {
-  const int s = packs.start(pack);
-  M m[V] = {};
-  if (packs.full(pack)) {
-    const Pack<T, V> xp = load_pack_streaming<T, V>(xr + s);
-    if constexpr (kKind != MaskKind::None) load_mask<M, V>(mrow, s, packs.len, mask_stride, mask_vec, m);
+template <MaskKind kKind, typename T, typename M, typename A, int kPacks, int V>
+__device__ __forceinline__ void logits_of(const RowPacks<T>& packs, int first, int step, const Pack<T, V> (&xp)[kPacks],
+                                          const Pack<M, V> (&mp)[kPacks], A scale_log2, bool raw, A (&z)[kPacks][V]) {
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i) {
+    const int pack = first + i * step;
+    const bool full = packs.full(pack);
+    const int s = packs.start(pack);
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const A xk = static_cast<A>(Elem<T>::widen(xp.v[k]));
-      z[k] = raw ? xk : logit<kKind>(xk, scale_log2, m[k]);
-    }
-    return;
-  }
-  if constexpr (kKind != MaskKind::None) load_mask<M, V>(mrow, s, packs.len, mask_stride, false, m);
-#pragma unroll
-  for (int k = 0; k < V; ++k) {
-    const int j = s + k;
-    if (packs.j_in_row(j)) {
-      const A xk = static_cast<A>(Elem<T>::widen(xr[j]));
-      z[k] = raw ? xk : logit<kKind>(xk, scale_log2, m[k]);
-    } else {
-      z[k] = -infinity<A>();
+      const A xk = static_cast<A>(Elem<T>::widen(xp[i].v[k]));
+      const A zk = raw ? xk : logit<kKind>(xk, scale_log2, mp[i].v[k]);
+      z[i][k] = (full || packs.j_in_row(s + k)) ? zk : -infinity<A>();
     }
   }
 }
@@ -73,6 +63,25 @@ __device__ __forceinline__ void row_logits(const RowPacks<T>& packs, const T* xr
 // ---------------------------------------------------------------------------------------------
 // Warp kernels
 // ---------------------------------------------------------------------------------------------
+
+// This thread's place in a warp kernel's grid: `width` lanes per row (32 when a lane holds
+// several packs; a power of two under it for short rows, several rows per warp), its lane in the
+// row's group, the row, and whether that row exists (threads past the last row still take part
+// in the shuffles).
+struct WarpRow {
+  int width;
+  int lane;
+  int64_t row;
+  bool active;
+};
+
+template <int kPacks>
+__device__ __forceinline__ WarpRow warp_row(int64_t rows, int width_log2) {
+  const int shift = kPacks > 1 ? 5 : width_log2;
+  const int width = 1 << shift;
+  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kWarpBlockThreads + threadIdx.x) >> shift;
+  return {width, static_cast<int>(threadIdx.x) & (width - 1), row, row < rows};
+}
 
 // y = softmax(scale * x + mask) per row. scale_log2 = scale * log2(e). Flags: y_aligned (y's rows
 // have x's misalignment), mask_vec (mask rows aligned like x's packs), width_log2 (lanes per row
@@ -85,11 +94,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
   using M = typename MaskElem<kKind, T>::type;
   using R = RowPacks<T>;
   constexpr int V = R::kVec;
-  const int shift = kPacks > 1 ? 5 : width_log2;
-  const int width = 1 << shift;
-  const int lane = threadIdx.x & (width - 1);
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kWarpBlockThreads + threadIdx.x) >> shift;
-  const bool active = row < rows;
+  const auto [width, lane, row, active] = warp_row<kPacks>(rows, width_log2);
   const T* xr = x + (active ? row : 0) * len;
   const R packs{misalignment(xr), len};
   const int count = packs.count();
@@ -101,19 +106,28 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
   // the exp's FFMA (FlashAttention's one FFMA + EX2 per element).
   const bool raw = kKind == MaskKind::None && scale_log2 > 0.0f;
 
+  // Every x and mask pack of the lane is loaded before the first is used.
+  Pack<T, V> xp[kPacks];
+  Pack<M, V> mp[kPacks] = {};
+  load_full_packs<T, kPacks>(packs, xr, lane, width, active, true, xp);
+  if constexpr (kKind != MaskKind::None) {
+    load_full_mask_packs<T, M, kPacks>(packs, mrow, lane, width, active, mask_vec, mp);
+  }
+  load_partial_packs<T, kPacks>(packs, xr, lane, width, active, true, xp);
+  if constexpr (kKind != MaskKind::None) {
+    load_partial_mask_packs<T, M, kPacks>(packs, mrow, lane, width, active, index.inner_stride, mask_vec, mp);
+  }
   float z[kPacks][V];
+  logits_of<kKind>(packs, lane, width, xp, mp, scale_log2, raw, z);
   float row_max = -infinity<float>();
 #pragma unroll
   for (int i = 0; i < kPacks; ++i) {
-    const int pack = i * width + lane;
-    if (active && pack < count) {
-      row_logits<kKind>(packs, xr, pack, mrow, index.inner_stride, mask_vec, scale_log2, raw, z[i]);
-    } else {
+    const bool here = active && i * width + lane < count;
 #pragma unroll
-      for (int k = 0; k < V; ++k) z[i][k] = -infinity<float>();
+    for (int k = 0; k < V; ++k) {
+      if (!here) z[i][k] = -infinity<float>();
+      row_max = max_nan(row_max, z[i][k]);
     }
-#pragma unroll
-    for (int k = 0; k < V; ++k) row_max = max_nan(row_max, z[i][k]);
   }
   row_max = kPacks > 1 ? warp_reduce(row_max, MaxNanOp{}) : warp_reduce_width(row_max, width, MaxNanOp{});
   const float max_z = raw ? row_max * scale_log2 : row_max;
@@ -183,24 +197,20 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
                           int64_t rows, int len, float scale, int width_log2, bool same_layout) {
   using R = RowPacks<T>;
   constexpr int V = R::kVec;
-  const int shift = kPacks > 1 ? 5 : width_log2;
-  const int width = 1 << shift;
-  const int lane = threadIdx.x & (width - 1);
-  const int64_t row = (static_cast<int64_t>(blockIdx.x) * kWarpBlockThreads + threadIdx.x) >> shift;
-  const bool active = row < rows;
+  const auto [width, lane, row, active] = warp_row<kPacks>(rows, width_log2);
   const int64_t base = (active ? row : 0) * len;
   const R packs{misalignment(grad_x + base), len};
   const int count = packs.count();
 
   // Kept as loaded (16-bit data: half the registers), widened where used.
   Pack<T, V> g[kPacks], p[kPacks];
+  load_full_packs<T, kPacks>(packs, grad_y + base, lane, width, active, same_layout, g);
+  load_full_packs<T, kPacks>(packs, y + base, lane, width, active, same_layout, p);
+  load_partial_packs<T, kPacks>(packs, grad_y + base, lane, width, active, same_layout, g);
+  load_partial_packs<T, kPacks>(packs, y + base, lane, width, active, same_layout, p);
   float dot = 0.0f;
 #pragma unroll
   for (int i = 0; i < kPacks; ++i) {
-    const int pack = i * width + lane;
-    const bool here = active && pack < count;
-    g[i] = here ? packs.load_raw(grad_y + base, pack, same_layout) : Pack<T, V>{};
-    p[i] = here ? packs.load_raw(y + base, pack, same_layout) : Pack<T, V>{};
 #pragma unroll
     for (int k = 0; k < V; ++k) dot = fmaf(Elem<T>::widen(g[i].v[k]), Elem<T>::widen(p[i].v[k]), dot);
   }
@@ -257,12 +267,14 @@ constexpr int64_t cache_bytes_per_pack() {
   return pack_elems<T>() * static_cast<int64_t>(sizeof(acc_t<T>));
 }
 
-// kCached: the row's logits live in shared memory (count * kVec accumulators); x is read once
-// and exp taken once per element. Without it: an online max/sum pass over x, a write pass.
-template <typename T, MaskKind kKind, bool kCached>
+// cached: the row's logits live in shared memory (count * kVec accumulators); x is read once
+// and exp taken once per element. Without it (rows past shared memory): an online max/sum pass
+// over x, a write pass. A run-time flag, uniform over the launch: one kernel per type and mask kind.
+template <typename T, MaskKind kKind>
 __global__ void __launch_bounds__(kRowBlockThreads)
     softmax_forward_block(const T* __restrict__ x, T* __restrict__ y, int64_t rows, int len, acc_t<T> scale_log2,
-                          const void* __restrict__ mask, const MaskIndexer index, bool y_aligned, bool mask_vec) {
+                          const void* __restrict__ mask, const MaskIndexer index, bool y_aligned, bool mask_vec,
+                          bool cached) {
   using A = acc_t<T>;
   using M = typename MaskElem<kKind, T>::type;
   using R = RowPacks<T>;
@@ -280,7 +292,18 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     const M* mrow = nullptr;
     if constexpr (kKind != MaskKind::None) mrow = static_cast<const M*>(mask) + index.row_offset(row);
     auto logits = [&](int pack, A (&z)[V]) {
-      row_logits<kKind>(packs, xr, pack, mrow, index.inner_stride, mask_vec, scale_log2, false, z);
+      Pack<T, V> xp[1];
+      Pack<M, V> mp[1] = {};
+      load_full_packs<T, 1>(packs, xr, pack, 0, true, true, xp);
+      if constexpr (kKind != MaskKind::None) load_full_mask_packs<T, M, 1>(packs, mrow, pack, 0, true, mask_vec, mp);
+      load_partial_packs<T, 1>(packs, xr, pack, 0, true, true, xp);
+      if constexpr (kKind != MaskKind::None) {
+        load_partial_mask_packs<T, M, 1>(packs, mrow, pack, 0, true, index.inner_stride, mask_vec, mp);
+      }
+      A one[1][V];
+      logits_of<kKind>(packs, pack, 0, xp, mp, scale_log2, false, one);
+#pragma unroll
+      for (int k = 0; k < V; ++k) z[k] = one[0][k];
     };
 
     A mine = -infinity<A>();
@@ -288,7 +311,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
       A z[V];
       logits(pack, z);
-      if constexpr (kCached) {
+      if (cached) {
         cache.put(pack, z);
 #pragma unroll
         for (int k = 0; k < V; ++k) mine = max_nan(mine, z[k]);
@@ -309,7 +332,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     int pos_inf = 0;
     if (ordinary) {
       A part = 0;
-      if constexpr (kCached) {
+      if (cached) {
         for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {  // the packs this thread cached
           A z[V];
           cache.get(pack, z);
@@ -327,7 +350,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     } else if (max_z == infinity<A>()) {
       for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
         A z[V];
-        if constexpr (kCached) {
+        if (cached) {
           cache.get(pack, z);
         } else {
           logits(pack, z);
@@ -339,7 +362,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     }
     for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
       A z[V];
-      if constexpr (kCached) {
+      if (cached) {
         cache.get(pack, z);
       } else {
         logits(pack, z);
@@ -349,7 +372,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
       for (int k = 0; k < V; ++k) {
         if (!ordinary) {
           out[k] = special_prob(z[k], max_z, pos_inf);
-        } else if constexpr (kCached) {
+        } else if (cached) {
           out[k] = z[k] * inv_sum;
         } else {
           out[k] = exp_domain(z[k] - max_z) * inv_sum;
@@ -361,11 +384,11 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   }
 }
 
-// kCached: grad_y and y packs live in shared memory (2 * count * 16 bytes), read once.
-template <typename T, bool kCached>
+// cached: grad_y and y packs live in shared memory (2 * count * kVec accumulators), read once.
+template <typename T>
 __global__ void __launch_bounds__(kRowBlockThreads)
     softmax_backward_block(const T* __restrict__ grad_y, const T* __restrict__ y, T* __restrict__ grad_x,
-                           int64_t rows, int len, acc_t<T> scale, bool same_layout) {
+                           int64_t rows, int len, acc_t<T> scale, bool same_layout, bool cached) {
   using A = acc_t<T>;
   using R = RowPacks<T>;
   constexpr int V = R::kVec;
@@ -382,7 +405,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
       A g[V], p[V];
       packs.load(grad_y + base, pack, g, A(0), same_layout);
       packs.load(y + base, pack, p, A(0), same_layout);
-      if constexpr (kCached) {
+      if (cached) {
         g_cache.put(pack, g);
         y_cache.put(pack, p);
       }
@@ -392,7 +415,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     dot = block_reduce(dot, SumOp{}, A(0), scratch);
     for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
       A g[V], p[V];
-      if constexpr (kCached) {
+      if (cached) {
         g_cache.get(pack, g);
         y_cache.get(pack, p);
       } else {
@@ -411,7 +434,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
 // ---------------------------------------------------------------------------------------------
 // Launch choices
 // ---------------------------------------------------------------------------------------------
-int host_misalignment(const void* p, int64_t elem_size) {
+inline int host_misalignment(const void* p, int64_t elem_size) {
   return static_cast<int>((reinterpret_cast<uintptr_t>(p) % 16) / elem_size);
 }
 
@@ -437,14 +460,16 @@ bool mask_rows_aligned(const void* x, int64_t len, const void* mask, const MaskI
   return true;
 }
 
-int ceil_log2(int64_t n) {
+inline int ceil_log2(int64_t n) {
   int k = 0;
   while ((int64_t{1} << k) < n) ++k;
   return k;
 }
 
-// Calls launch(std::integral_constant<int, K>) for the smallest built K >= packs_per_lane.
-// float32 (up to 16): every K to 8, then 10, 12, 13 (L = 1600: 400 packs), 14, 16; 16-bit: 1-8.
+// Calls launch(std::integral_constant<int, K>) for the smallest built K >= packs_per_lane: every K
+// to 8 (16-bit rows to 2048 elements; C3TR's L = 400 float16 is 2, L = 1600 is 7), then for float32
+// 10, 13 (L = 1600: 400 packs) and 16. Each K is a kernel per type and mask kind on every
+// architecture: the set is what the build time allows, a row at most a third longer than it is.
 template <typename T, typename Launch>
 void with_packs(int64_t packs_per_lane, Launch&& launch) {
   switch (packs_per_lane) {
@@ -460,9 +485,7 @@ void with_packs(int64_t packs_per_lane, Launch&& launch) {
   }
   if constexpr (max_warp_packs<T>() > 8) {
     if (packs_per_lane <= 10) return launch(std::integral_constant<int, 10>{});
-    if (packs_per_lane <= 12) return launch(std::integral_constant<int, 12>{});
     if (packs_per_lane <= 13) return launch(std::integral_constant<int, 13>{});
-    if (packs_per_lane <= 14) return launch(std::integral_constant<int, 14>{});
     launch(std::integral_constant<int, 16>{});
   }
 }
@@ -473,21 +496,21 @@ struct WarpShape {
   int width_log2;
 };
 
-WarpShape warp_shape(int64_t packs) {
+inline WarpShape warp_shape(int64_t packs) {
   if (packs <= kWarpSize) return {1, ceil_log2(std::max<int64_t>(packs, 1))};
   return {(packs + kWarpSize - 1) / kWarpSize, 5};
 }
 
-unsigned warp_grid(int64_t rows, int width_log2) {
+inline unsigned warp_grid(int64_t rows, int width_log2) {
   const int64_t rows_per_block = kWarpBlockThreads >> width_log2;
   return static_cast<unsigned>((rows + rows_per_block - 1) / rows_per_block);
 }
 
-unsigned block_grid(int64_t rows) { return static_cast<unsigned>(std::min(rows, kMaxRowBlocks)); }
+inline unsigned block_grid(int64_t rows) { return static_cast<unsigned>(std::min(rows, kMaxRowBlocks)); }
 
 // Dynamic shared memory a block kernel may use on the current device (opt-in limit, less the
 // kernels' static scratch), looked up once per device.
-int64_t shared_memory_limit() {
+inline int64_t shared_memory_limit() {
   static int cached[64] = {};  // 0: not looked up yet (a benign race: every writer writes the same)
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
@@ -507,7 +530,7 @@ int64_t shared_memory_limit() {
 
 // Opts `kernel` in to `bytes` of dynamic shared memory on the current device, once per kernel,
 // device and size reached (the attribute call costs microseconds of host time).
-cudaError_t allow_shared_memory(const void* kernel, int64_t bytes) {
+inline cudaError_t allow_shared_memory(const void* kernel, int64_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
   int device = 0;
   if (const cudaError_t err = cudaGetDevice(&device); err != cudaSuccess) return err;
@@ -545,16 +568,15 @@ cudaError_t softmax_forward(const T* x, T* y, int64_t rows, int64_t len, double 
   }
   const A s = static_cast<A>(std::is_same_v<A, double> ? scale : scale * kLog2e);
   const int64_t cache_bytes = packs * cache_bytes_per_pack<T>();
-  auto launch = [&](auto kernel, int64_t bytes) {
-    if (const cudaError_t err = allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess) {
-      return err;
-    }
-    kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(x, y, rows, n, s, mask, index,
-                                                                                      y_aligned, mask_vec);
-    return cudaGetLastError();
-  };
-  if (cache_bytes <= shared_memory_limit()) return launch(softmax_forward_block<T, kKind, true>, cache_bytes);
-  return launch(softmax_forward_block<T, kKind, false>, 0);
+  const bool cached = cache_bytes <= shared_memory_limit();
+  const int64_t bytes = cached ? cache_bytes : 0;
+  const auto kernel = softmax_forward_block<T, kKind>;
+  if (const cudaError_t err = allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess) {
+    return err;
+  }
+  kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(x, y, rows, n, s, mask, index,
+                                                                                    y_aligned, mask_vec, cached);
+  return cudaGetLastError();
 }
 
 template <typename T>
@@ -578,17 +600,16 @@ cudaError_t softmax_backward(const T* grad_y, const T* y, T* grad_x, int64_t row
     }
   }
   const int64_t cache_bytes = 2 * packs * cache_bytes_per_pack<T>();
-  auto launch = [&](auto kernel, int64_t bytes) {
-    if (const cudaError_t err = allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess) {
-      return err;
-    }
-    kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(grad_y, y, grad_x, rows, n,
-                                                                                      static_cast<A>(scale),
-                                                                                      same_layout);
-    return cudaGetLastError();
-  };
-  if (cache_bytes <= shared_memory_limit()) return launch(softmax_backward_block<T, true>, cache_bytes);
-  return launch(softmax_backward_block<T, false>, 0);
+  const bool cached = cache_bytes <= shared_memory_limit();
+  const int64_t bytes = cached ? cache_bytes : 0;
+  const auto kernel = softmax_backward_block<T>;
+  if (const cudaError_t err = allow_shared_memory(reinterpret_cast<const void*>(kernel), bytes); err != cudaSuccess) {
+    return err;
+  }
+  kernel<<<block_grid(rows), kRowBlockThreads, static_cast<size_t>(bytes), stream>>>(grad_y, y, grad_x, rows, n,
+                                                                                    static_cast<A>(scale), same_layout,
+                                                                                    cached);
+  return cudaGetLastError();
 }
 
 template <typename T>

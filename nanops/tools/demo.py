@@ -73,7 +73,7 @@ def print_table(clean: RunLog, plain: RunLog, ours: RunLog) -> None:
         print(f"{e:>5} | " + " | ".join(f"{_fmt(r.val_loss[e])} {_fmt(r.map50[e])}" for r in runs))
     for s in ours.skipped:
         what = "non-finite batch" if s.kind == "batch" else "skipped step"
-        print(f"nanops: {what} at epoch {s.epoch}, iteration {s.iteration}; first non-finite: {s.first_nonfinite}")
+        print(f"nanops: {what} at {s.where()}; first non-finite: {s.first_nonfinite}")
     print(f"final mAP@.5: clean {clean.map50[-1]:.3f}, plain yolov5 {plain.map50[-1]:.3f}, nanops "
           f"{ours.map50[-1]:.3f}; nanops vs clean at the end: val loss {_fmt(ours.val_loss[-1]).strip()} vs "
           f"{_fmt(clean.val_loss[-1]).strip()}")

@@ -27,11 +27,18 @@ class SkippedStep:
     accumulation window's step skipped, or dropped if the window was cut short), with its images."""
 
     epoch: int
-    iteration: int
+    iteration: int  # the run's optimizer-loop iteration (yolov5's ni), counted over every epoch
     first_nonfinite: str
     images: list[str] = field(default_factory=list)
     generation: int = 0
     kind: str = "step"
+    batch: int | None = None  # within the epoch, from 0, where the trainer tells it
+
+    def where(self) -> str:
+        """"epoch 1, batch 1 (iteration 5)", or "epoch 1, iteration 5" when the batch is unknown."""
+        if self.batch is None:
+            return f"epoch {self.epoch}, iteration {self.iteration}"
+        return f"epoch {self.epoch}, batch {self.batch} (iteration {self.iteration})"
 
 
 def describe(finding: Finding | None) -> str:
@@ -109,13 +116,13 @@ class SkipReport:
         if step.kind == "batch":
             images = ", ".join(step.images[:4]) + (f" and {len(step.images) - 4} more" if len(step.images) > 4 else "")
             self.logger.warning(
-                f"nanops: non-finite training batch at epoch {step.epoch}, iteration {step.iteration} (images: "
+                f"nanops: non-finite training batch at {step.where()} (images: "
                 f"{images or 'unknown'}); first non-finite: {step.first_nonfinite}. Its BatchNorm updates were undone "
                 "and its accumulation window's optimizer step is skipped: weights, optimizer state and EMA take "
                 "nothing from it.")
         else:
             self.logger.warning(
-                f"nanops: skipped the optimizer step at epoch {step.epoch}, iteration {step.iteration}: non-finite "
+                f"nanops: skipped the optimizer step at {step.where()}: non-finite "
                 f"gradients; first non-finite: {step.first_nonfinite}. Weights, optimizer state, EMA and BatchNorm "
                 "statistics are as before this batch.")
         self.write(save_dir)

@@ -3,7 +3,7 @@
     from ultralytics import YOLO
     import nanops.ultralytics
 
-    model = YOLO("yolov8n-c3tr.yaml")
+    model = YOLO(nanops.ultralytics.YOLOV8N_C3TR)  # YOLOv8n with a C3TR block, shipped with nanops
     nanops.ultralytics.protect(model)
     model.train(data=..., epochs=...)
 
@@ -31,6 +31,7 @@ batch went non-finite.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -44,6 +45,8 @@ from ..training.scaler import GradScaler
 from ..training.skips import SkippedStep, SkipReport, agree_on_where, describe, replay_where
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
+# A YOLOv8n with a C3TR block (yolov5's TransformerLayer): YOLO(nanops.ultralytics.YOLOV8N_C3TR).
+YOLOV8N_C3TR = str(Path(__file__).parent / "cfg" / "yolov8n-c3tr.yaml")
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:

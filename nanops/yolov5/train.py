@@ -249,6 +249,7 @@ class Protection:
     # --- yolov5 callbacks -----------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch += 1
+        self._epoch_first_ni = None  # the run's iteration number of this epoch's first batch
         self._window_inputs = []  # zero_grad cuts the window
         self._window_reported = False
         if self.window is not None:
@@ -270,6 +271,9 @@ class Protection:
     def on_train_batch_end(self, model, ni, imgs, targets, paths, vals) -> None:
         if self.scaler is None:
             return
+        if getattr(self, "_epoch_first_ni", None) is None:
+            self._epoch_first_ni = int(ni)
+        batch = int(ni) - self._epoch_first_ni  # within the epoch, from 0
         if self.window is not None:
             self.window.settle()  # after the batch's backward: its BatchNorm updates kept or undone
         stepped = self.scaler.total_steps != self._steps_seen
@@ -287,7 +291,8 @@ class Protection:
             self._window_reported = False
         if batch_bad:
             self.report.add(SkippedStep(self.epoch, int(ni), self._replay_here(model, imgs, targets, None),
-                                        _suspect_images(imgs, paths), self.generation, "batch"), self.opt.save_dir)
+                                        _suspect_images(imgs, paths), self.generation, "batch", batch),
+                            self.opt.save_dir)
             self._window_reported = not stepped
         elif stepped and new_skip and not explained:
             if self._ddp_finding is not None:  # every rank replayed its batches at the step
@@ -296,7 +301,7 @@ class Protection:
             else:
                 scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
                 where = self._replay_here(model, imgs, targets, scale)
-            self.report.add(SkippedStep(self.epoch, int(ni), where, list(paths), self.generation, "step"),
+            self.report.add(SkippedStep(self.epoch, int(ni), where, list(paths), self.generation, "step", batch),
                             self.opt.save_dir)
 
     def _record_step(self, ni: int) -> None:
