@@ -363,9 +363,8 @@ class Protection:
                 text += f" Promoted to float32 so far: {', '.join(self.promoted)}."
             self.divergences.append(text)
             if self.on_divergence == "stop":
-                self.report.logger.error(text + " Stopping (--nanops-on-divergence stop); the last checkpoint "
-                                         "written stays.")
-                raise Diverged(text)
+                # Said once, by whoever catches it (`nanops train` prints it and exits 3).
+                raise Diverged(text + " Stopping (--nanops-on-divergence stop); the last checkpoint written stays.")
             if self.on_divergence == "rollback" and self._rollback is not None:
                 step = self._rollback.restore(event.step, self._state_objects())
                 if step is not None:
@@ -535,7 +534,7 @@ def main(argv: list[str]) -> int:
         print(f"nanops train: {err}", file=sys.stderr)
         return 2
     except Diverged as err:
-        print(f"nanops train: stopped: {err}", file=sys.stderr)
+        print(f"nanops train: {err}", file=sys.stderr)
         return 3
     if protection.unsaved:
         print(f"nanops train: the run ended with a model that could not be saved finite; {len(protection.unsaved)} "
