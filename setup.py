@@ -53,10 +53,7 @@ def _extension():
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     if with_cuda:
         # Kernels in .cu (nvcc; no torch headers, see csrc/cuda/launch.h), their host sides in .cpp.
-        # The .cu files first, the largest first: ninja starts jobs in this order, and on two cores
-        # the build takes as long as its longest job started last.
-        kernels = sorted(glob.glob("csrc/cuda/*.cu"), key=lambda f: -os.path.getsize(f))
-        sources = kernels + sources + sorted(glob.glob("csrc/cuda/*.cpp"))
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
 
     debug = os.environ.get("NANOPS_DEBUG") == "1"
     # Python's own CFLAGS carry -g: debug info of torch's headers costs a third of the C++ compile
@@ -101,6 +98,22 @@ def _build_ext():
             super().finalize_options()
             if not os.environ.get("NANOPS_FRESH_BUILD"):
                 self.build_temp = os.path.join(ROOT, "build", "obj")
+
+        def build_extension(self, ext):
+            # setuptools sorts the sources, and ninja starts jobs in that order: the kernel files,
+            # the longest jobs, would start last and run alone at the end. Largest first instead
+            # (on two cores that is a minute of the first install).
+            compile_sources = self.compiler.compile
+
+            def longest_first(sources, *args, **kwargs):
+                return compile_sources(sorted(sources, key=lambda f: (not f.endswith(".cu"), -os.path.getsize(f))),
+                                       *args, **kwargs)
+
+            self.compiler.compile = longest_first
+            try:
+                super().build_extension(ext)
+            finally:
+                self.compiler.compile = compile_sources
 
         def build_extensions(self):
             # The extension is optional, but torch checks the compiler before building any
