@@ -466,24 +466,28 @@ inline int ceil_log2(int64_t n) {
   return k;
 }
 
-// Calls launch(std::integral_constant<int, K>) for the smallest built K >= packs_per_lane: every K
-// to 8 (16-bit rows to 2048 elements; C3TR's L = 400 float16 is 2, L = 1600 is 7), then for float32
-// 10, 13 (L = 1600: 400 packs) and 16. Each K is a kernel per type and mask kind on every
-// architecture: the set is what the build time allows, a row at most a third longer than it is.
+// Calls launch(std::integral_constant<int, K>) for the smallest built K >= packs_per_lane: 1, 2,
+// 3, 4, 6, 7 (16-bit only: C3TR's L = 1600 float16 is 7 packs of 8 per lane), 8, then for
+// float32 10, 13 (L = 1600: 400 packs) and 16. Each K is a kernel per type and mask kind on every
+// architecture: the set is what the install's build time allows, a row at most a third longer
+// than it is.
 template <typename T, typename Launch>
 void with_packs(int64_t packs_per_lane, Launch&& launch) {
-  switch (packs_per_lane) {
-    case 1: launch(std::integral_constant<int, 1>{}); return;
-    case 2: launch(std::integral_constant<int, 2>{}); return;
-    case 3: launch(std::integral_constant<int, 3>{}); return;
-    case 4: launch(std::integral_constant<int, 4>{}); return;
-    case 5: launch(std::integral_constant<int, 5>{}); return;
-    case 6: launch(std::integral_constant<int, 6>{}); return;
-    case 7: launch(std::integral_constant<int, 7>{}); return;
-    case 8: launch(std::integral_constant<int, 8>{}); return;
-    default: break;
+  constexpr bool kWide = max_warp_packs<T>() > 8;  // float32: 4 per pack, up to 16 per lane
+  if (packs_per_lane <= 4) {
+    switch (packs_per_lane) {
+      case 1: return launch(std::integral_constant<int, 1>{});
+      case 2: return launch(std::integral_constant<int, 2>{});
+      case 3: return launch(std::integral_constant<int, 3>{});
+      default: return launch(std::integral_constant<int, 4>{});
+    }
   }
-  if constexpr (max_warp_packs<T>() > 8) {
+  if (packs_per_lane <= 6) return launch(std::integral_constant<int, 6>{});
+  if constexpr (!kWide) {
+    if (packs_per_lane <= 7) return launch(std::integral_constant<int, 7>{});
+  }
+  if (packs_per_lane <= 8) return launch(std::integral_constant<int, 8>{});
+  if constexpr (kWide) {
     if (packs_per_lane <= 10) return launch(std::integral_constant<int, 10>{});
     if (packs_per_lane <= 13) return launch(std::integral_constant<int, 13>{});
     launch(std::integral_constant<int, 16>{});
