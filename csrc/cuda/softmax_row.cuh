@@ -207,62 +207,29 @@ struct RowPacks {
 };
 
 // Loads of a lane's packs of one row, pack i being `first + i * step`, in two phases: the full
-// packs, each one predicated 16-byte load (issued back to back, none used yet, so kPacks loads are
-// in flight at once), then the partial packs at the row's ends, element by element. A kernel
-// issues the full phase of everything it reads (x and the mask) before any partial phase.
-// `here`: the lane has a row; `aligned`: the data's row has the layout's offset (else every
-// element is read alone).
-template <typename T, int kPacks>
-__device__ __forceinline__ void load_full_packs(const RowPacks<T>& packs, const T* data, int first, int step,
-                                                bool here, bool aligned, Pack<T, RowPacks<T>::kVec> (&out)[kPacks]) {
+// packs, each one predicated load of kVec elements (issued back to back, none used yet, so kPacks
+// loads are in flight at once), then the partial packs at the row's ends and rows that cannot be
+// read as vectors, element by element along `stride`. A kernel issues the full phase of everything
+// it reads (x and the mask) before any partial phase. The pack layout is x's (T); E is what is read
+// with it: x itself (streaming: read once), or the mask (default caching: a broadcast mask is read
+// again by every head, from L2). `here`: the lane has a row; `vec`: the data's row is contiguous
+// and aligned like x's packs.
+template <typename T, int kPacks, bool kStreaming = true, typename E>
+__device__ __forceinline__ void load_full_packs(const RowPacks<T>& packs, const E* data, int first, int step,
+                                                bool here, bool vec, Pack<E, RowPacks<T>::kVec> (&out)[kPacks]) {
   constexpr int V = RowPacks<T>::kVec;
   const int count = packs.count();
 #pragma unroll
   for (int i = 0; i < kPacks; ++i) {
     const int pack = first + i * step;
-    out[i] = load_pack_if<T, V, true>(here && pack < count && aligned && packs.full(pack), data + packs.start(pack));
+    out[i] = load_pack_if<E, V, kStreaming>(here && pack < count && vec && packs.full(pack), data + packs.start(pack));
   }
 }
 
-template <typename T, int kPacks>
-__device__ __forceinline__ void load_partial_packs(const RowPacks<T>& packs, const T* data, int first, int step,
-                                                   bool here, bool aligned,
-                                                   Pack<T, RowPacks<T>::kVec> (&out)[kPacks]) {
-  constexpr int V = RowPacks<T>::kVec;
-  const int count = packs.count();
-#pragma unroll
-  for (int i = 0; i < kPacks; ++i) {
-    const int pack = first + i * step;
-    if (here && pack < count && !(aligned && packs.full(pack))) {
-      const int s = packs.start(pack);
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        if (packs.j_in_row(s + k)) out[i].v[k] = data[s + k];
-      }
-    }
-  }
-}
-
-// The mask elements of a lane's packs, in the same two phases: vector loads where the mask row is
-// contiguous and aligned like x's packs and the pack is full, then element by element along the
-// mask's stride. The vector loads keep the default cache policy: a broadcast mask is read again by
-// every head, from L2.
-template <typename T, typename M, int kPacks>
-__device__ __forceinline__ void load_full_mask_packs(const RowPacks<T>& packs, const M* row, int first, int step,
-                                                     bool here, bool vec, Pack<M, RowPacks<T>::kVec> (&out)[kPacks]) {
-  constexpr int V = RowPacks<T>::kVec;
-  const int count = packs.count();
-#pragma unroll
-  for (int i = 0; i < kPacks; ++i) {
-    const int pack = first + i * step;
-    out[i] = load_pack_if<M, V>(here && pack < count && vec && packs.full(pack), row + packs.start(pack));
-  }
-}
-
-template <typename T, typename M, int kPacks>
-__device__ __forceinline__ void load_partial_mask_packs(const RowPacks<T>& packs, const M* row, int first, int step,
-                                                        bool here, int64_t stride, bool vec,
-                                                        Pack<M, RowPacks<T>::kVec> (&out)[kPacks]) {
+template <typename T, int kPacks, typename E>
+__device__ __forceinline__ void load_partial_packs(const RowPacks<T>& packs, const E* data, int first, int step,
+                                                   bool here, bool vec, Pack<E, RowPacks<T>::kVec> (&out)[kPacks],
+                                                   int64_t stride = 1) {
   constexpr int V = RowPacks<T>::kVec;
   const int count = packs.count();
 #pragma unroll
@@ -272,7 +239,7 @@ __device__ __forceinline__ void load_partial_mask_packs(const RowPacks<T>& packs
       const int s = packs.start(pack);
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        if (packs.j_in_row(s + k)) out[i].v[k] = row[(s + k) * stride];
+        if (packs.j_in_row(s + k)) out[i].v[k] = data[(s + k) * stride];
       }
     }
   }

@@ -111,11 +111,11 @@ __global__ void __launch_bounds__(kWarpBlockThreads)
   Pack<M, V> mp[kPacks] = {};
   load_full_packs<T, kPacks>(packs, xr, lane, width, active, true, xp);
   if constexpr (kKind != MaskKind::None) {
-    load_full_mask_packs<T, M, kPacks>(packs, mrow, lane, width, active, mask_vec, mp);
+    load_full_packs<T, kPacks, false>(packs, mrow, lane, width, active, mask_vec, mp);
   }
   load_partial_packs<T, kPacks>(packs, xr, lane, width, active, true, xp);
   if constexpr (kKind != MaskKind::None) {
-    load_partial_mask_packs<T, M, kPacks>(packs, mrow, lane, width, active, index.inner_stride, mask_vec, mp);
+    load_partial_packs<T, kPacks>(packs, mrow, lane, width, active, mask_vec, mp, index.inner_stride);
   }
   float z[kPacks][V];
   logits_of<kKind>(packs, lane, width, xp, mp, scale_log2, raw, z);
@@ -295,15 +295,23 @@ __global__ void __launch_bounds__(kRowBlockThreads)
       Pack<T, V> xp[1];
       Pack<M, V> mp[1] = {};
       load_full_packs<T, 1>(packs, xr, pack, 0, true, true, xp);
-      if constexpr (kKind != MaskKind::None) load_full_mask_packs<T, M, 1>(packs, mrow, pack, 0, true, mask_vec, mp);
+      if constexpr (kKind != MaskKind::None) load_full_packs<T, 1, false>(packs, mrow, pack, 0, true, mask_vec, mp);
       load_partial_packs<T, 1>(packs, xr, pack, 0, true, true, xp);
       if constexpr (kKind != MaskKind::None) {
-        load_partial_mask_packs<T, M, 1>(packs, mrow, pack, 0, true, index.inner_stride, mask_vec, mp);
+        load_partial_packs<T, 1>(packs, mrow, pack, 0, true, mask_vec, mp, index.inner_stride);
       }
       A one[1][V];
       logits_of<kKind>(packs, pack, 0, xp, mp, scale_log2, false, one);
 #pragma unroll
       for (int k = 0; k < V; ++k) z[k] = one[0][k];
+    };
+    // A pack's logits once the first pass is done: from the cache, or formed again from x.
+    auto stored_logits = [&](int pack, A (&z)[V]) {
+      if (cached) {
+        cache.get(pack, z);
+      } else {
+        logits(pack, z);
+      }
     };
 
     A mine = -infinity<A>();
@@ -350,11 +358,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     } else if (max_z == infinity<A>()) {
       for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
         A z[V];
-        if (cached) {
-          cache.get(pack, z);
-        } else {
-          logits(pack, z);
-        }
+        stored_logits(pack, z);
 #pragma unroll
         for (int k = 0; k < V; ++k) pos_inf += z[k] == infinity<A>();
       }
@@ -362,11 +366,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
     }
     for (int pack = threadIdx.x; pack < count; pack += blockDim.x) {
       A z[V];
-      if (cached) {
-        cache.get(pack, z);
-      } else {
-        logits(pack, z);
-      }
+      stored_logits(pack, z);
       A out[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) {
