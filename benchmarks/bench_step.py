@@ -22,7 +22,8 @@ import torch
 
 import nanops
 from common import bench_device, report, row
-from nanops.yolov5.env import build_transformer_model, quiet_yolov5_import
+from nanops.yolov5 import build_transformer_model
+from nanops.yolov5.shims import quiet_yolov5_import
 from timing import measure_interleaved, paired_ratio
 
 TARGET = {"cpu": 1.00, "cuda": 1.02}
@@ -34,7 +35,7 @@ def yolov5_parts(device: torch.device):
 
     torch_utils = quiet_yolov5_import("yolov5.utils.torch_utils")
     loss_module = quiet_yolov5_import("yolov5.utils.loss")
-    from nanops.yolov5.env import transformer_yaml
+    from nanops.yolov5 import transformer_yaml
 
     hyp_path = transformer_yaml().parents[2] / "data" / "hyps" / "hyp.scratch-low.yaml"
     hyp = yaml.safe_load(hyp_path.read_text())

@@ -22,7 +22,7 @@ import torch
 
 import nanops
 from common import bench_device, report, row
-from nanops.yolov5.env import import_yolov5_common
+from nanops.yolov5.shims import import_yolov5_common
 from timing import compare, rotating
 
 TARGETS = {("fp16 autocast", 400): 1.3, ("fp16 autocast", 1600): 2.0, ("float32", 1600): 1.5, ("float32", 400): 1.0}

@@ -10,7 +10,7 @@ import torch
 
 import nanops
 from common import bench_device, report, row
-from nanops.yolov5.env import build_transformer_model
+from nanops.yolov5 import build_transformer_model
 from timing import measure
 
 

@@ -120,7 +120,7 @@ def row(case: str, baseline: str, base, ours, bytes_moved: int | None = None, **
 
 def yolov5_transformer_grads(device: torch.device, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
     """The real gradient list of yolov5s-transformer (yolov5 package) after one backward pass."""
-    from nanops.yolov5.env import build_transformer_model
+    from nanops.yolov5 import build_transformer_model
 
     torch.manual_seed(0)
     model = build_transformer_model().to(device).train()

@@ -13,6 +13,9 @@ bool is_kernel_dtype(c10::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble;
 }
 
+// ValueError (not RuntimeError) for every argument problem: the Python wrappers tell a list the
+// op refuses (and another path takes) from a kernel's failure (out of memory, a device fault),
+// which must never be retried.
 void check_tensor_list(at::TensorList tensors, const char* op, IntegerTensors integers) {
   if (tensors.empty()) {
     return;
@@ -20,18 +23,18 @@ void check_tensor_list(at::TensorList tensors, const char* op, IntegerTensors in
   const c10::Device device = tensors[0].device();
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
-    TORCH_CHECK(t.defined(), op, ": tensors[", i, "] is undefined (pass None only to the Python wrapper)");
-    TORCH_CHECK(t.device() == device, op, ": all tensors must be on one device, but tensors[0] is on ",
-                device, " and tensors[", i, "] is on ", t.device());
-    TORCH_CHECK(t.layout() == c10::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
-                "; only dense (strided) tensors are supported, call .to_dense() first");
+    TORCH_CHECK_VALUE(t.defined(), op, ": tensors[", i, "] is undefined (pass None only to the Python wrapper)");
+    TORCH_CHECK_VALUE(t.device() == device, op, ": all tensors must be on one device, but tensors[0] is on ",
+                      device, " and tensors[", i, "] is on ", t.device());
+    TORCH_CHECK_VALUE(t.layout() == c10::kStrided, op, ": tensors[", i, "] has layout ", t.layout(),
+                      "; only dense (strided) tensors are supported, call .to_dense() first");
     const auto dtype = t.scalar_type();
     if (is_kernel_dtype(dtype)) {
       continue;
     }
     const bool integral = c10::isIntegralType(dtype, /*includeBool=*/true);
-    TORCH_CHECK(integral && integers == IntegerTensors::CountAsFinite, op, ": tensors[", i,
-                "] has dtype ", dtype, "; supported dtypes are float32, float16, bfloat16 and float64");
+    TORCH_CHECK_VALUE(integral && integers == IntegerTensors::CountAsFinite, op, ": tensors[", i,
+                      "] has dtype ", dtype, "; supported dtypes are float32, float16, bfloat16 and float64");
   }
 }
 
@@ -48,10 +51,10 @@ std::vector<FlatView> flat_views(
 void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* op, const char* name,
                          const c10::Device& device) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t->sizes());
-  TORCH_CHECK(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
-              " must be float32 or float64, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
+  TORCH_CHECK_VALUE(t->numel() == 1, op, ": ", name, " must hold exactly one element, got shape ", t->sizes());
+  TORCH_CHECK_VALUE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble, op, ": ", name,
+                    " must be float32 or float64, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(t->device() == device, op, ": ", name, " is on ", t->device(), " but the tensors are on ", device);
 }
 
 void check_scale_coef(const at::Tensor& coef, const c10::Device& device) {

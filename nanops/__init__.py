@@ -10,9 +10,12 @@ statistics), guarded_step (yolov5's unscale/clip/step block in one call) and Gua
 protection: skips, BatchNorm restore, replay of a skipped step to name its first non-finite
 module), watch, locate_step and locate_forward (first non-finite module). Models: patch/unpatch (stable attention in any model's
 nn.MultiheadAttention), nanops.nn (MultiheadAttention, TransformerLayer, TransformerBlock, C3TR),
-nanops.yolov5 (patch, and yolov5's own training protected: `nanops train`).
+nanops.yolov5 (patch, and yolov5's own training protected: `nanops train`) and nanops.ultralytics
+(protect), imported on first use: `import nanops` loads no framework code.
 """
-from . import nn, yolov5
+import importlib
+
+from . import nn
 from ._loader import cuda_built
 from .clip import clip_grad_norm_, clip_grads_with_norm_, get_total_norm
 from .ops import all_finite, nonfinite_counts, stable_softmax
@@ -21,6 +24,15 @@ from .training import (Diverged, Finding, GradScaler, Guard, RngState, StepResul
                        locate_forward, locate_step, watch)
 
 __version__ = "0.1.0"
+
+_WINGS = ("yolov5", "ultralytics")
+
+
+def __getattr__(name: str):
+    """nanops.yolov5 / nanops.ultralytics on first use (PEP 562)."""
+    if name in _WINGS:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "Diverged",

@@ -18,6 +18,8 @@ from importlib import resources
 
 import torch
 
+from ._torch_private import foreach_norm
+
 _SCHEMA = re.compile(r'^NANOPS_OP\("(.+)"\)\s*$')
 
 
@@ -46,12 +48,12 @@ def _check_list(tensors, op: str, integers_count_as_finite: bool) -> None:
         return
     device = tensors[0].device
     for i, t in enumerate(tensors):
-        torch._check(t.device == device, lambda: f"{op}: all tensors must be on one device, but tensors[0] is on "
+        torch._check_value(t.device == device, lambda: f"{op}: all tensors must be on one device, but tensors[0] is on "
                                                  f"{device} and tensors[{i}] is on {t.device}")
-        torch._check(t.layout == torch.strided, lambda: f"{op}: tensors[{i}] has layout {t.layout}; only dense "
+        torch._check_value(t.layout == torch.strided, lambda: f"{op}: tensors[{i}] has layout {t.layout}; only dense "
                                                           "(strided) tensors are supported, call .to_dense() first")
         integral = not t.is_floating_point() and not t.is_complex()
-        torch._check(t.dtype in KERNEL_DTYPES or (integral and integers_count_as_finite),
+        torch._check_value(t.dtype in KERNEL_DTYPES or (integral and integers_count_as_finite),
                      lambda: f"{op}: tensors[{i}] has dtype {_dtype_name(t.dtype)}; supported dtypes are float32, float16, "
                              "bfloat16 and float64")
 
@@ -75,10 +77,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check_scalar(t, op: str, name: str, device) -> None:
     if t is None:
         return
-    torch._check(t.numel() == 1, lambda: f"{op}: {name} must hold exactly one element, got shape {tuple(t.shape)}")
-    torch._check(t.dtype in (torch.float32, torch.float64), lambda: f"{op}: {name} must be float32 or float64, "
+    torch._check_value(t.numel() == 1, lambda: f"{op}: {name} must hold exactly one element, got shape {tuple(t.shape)}")
+    torch._check_value(t.dtype in (torch.float32, torch.float64), lambda: f"{op}: {name} must be float32 or float64, "
                                                                      f"got {_dtype_name(t.dtype)}")
-    torch._check(t.device == device, lambda: f"{op}: {name} is on {t.device} but the tensors are on {device}")
+    torch._check_value(t.device == device, lambda: f"{op}: {name} is on {t.device} but the tensors are on {device}")
 
 
 def _check_clip_scalars(norm_type: float, max_norm: float, op: str) -> None:
@@ -285,8 +287,8 @@ def _summary_of_16_32_bit(tensors, norm_type: float, s, zero) -> torch.Tensor:
     parts = [t.detach() for t in tensors if t.numel() > 0]
     if not parts:
         return torch.stack([torch.ones_like(zero), zero, zero, zero, zero])
-    norms = torch.stack(torch._foreach_norm(parts, norm_type, dtype=torch.float64))
-    peaks = torch.stack(torch._foreach_norm(parts, math.inf, dtype=torch.float64))
+    norms = torch.stack(foreach_norm(parts, norm_type, dtype=torch.float64))
+    peaks = torch.stack(foreach_norm(parts, math.inf, dtype=torch.float64))
     if s is not None:
         norms, peaks = norms * s, peaks * s
     has_nan = norms.isnan().any().to(torch.float64)

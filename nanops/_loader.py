@@ -19,6 +19,7 @@ import warnings
 import torch
 
 from . import _fallback
+from ._torch_private import has_kernel
 
 REBUILD = ("pip install --no-build-isolation --force-reinstall --no-deps nanops   "
            "(in a checkout: pip install --no-build-isolation -e .)")
@@ -36,7 +37,7 @@ else:
 
 
 # Read before any fallback is registered under the CUDA key.
-_CUDA_BUILT = _C is not None and torch._C._dispatch_has_kernel_for_dispatch_key("nanops::nonfinite_counts", "CUDA")
+_CUDA_BUILT = _C is not None and has_kernel("nanops::nonfinite_counts", "CUDA")
 
 
 def compiled() -> bool:
@@ -133,9 +134,32 @@ def _register_gaps() -> None:
         for name in _fallback.IMPLEMENTATIONS:
             lib.impl(name, _on_first_use(name, key, "nanops builds kernels for CPUs and NVIDIA GPUs only"), key)
         _PATHS[key.lower()] = "fallback (no nanops kernels for it)"
+    _register_sparse_refusals(lib)
 
 
 OTHER_DEVICES = ("MPS", "XPU", "PrivateUse1")
+SPARSE_KEYS = ("SparseCPU", "SparseCUDA", "SparseCsrCPU", "SparseCsrCUDA")
+
+
+def _refuse_sparse(name: str):
+    """The kernel of a sparse dispatch key: a ValueError naming the tensor (an argument problem,
+    which the wrappers tell from a kernel's failure; clip_grad_norm_ then takes its sparse path)."""
+    def refuse(*args, **kwargs):
+        for arg in args:
+            items = arg if isinstance(arg, (list, tuple)) else [arg]
+            for i, t in enumerate(items):
+                if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                    where = f"tensors[{i}]" if isinstance(arg, (list, tuple)) else "a tensor argument"
+                    raise ValueError(f"{name}: {where} has layout {t.layout}; only dense (strided) tensors are "
+                                     "supported, call .to_dense() first")
+        raise ValueError(f"{name}: only dense (strided) tensors are supported, call .to_dense() first")
+    return refuse
+
+
+def _register_sparse_refusals(lib) -> None:
+    for key in SPARSE_KEYS:
+        for name in _fallback.IMPLEMENTATIONS:
+            lib.impl(name, _refuse_sparse(name), key)
 
 
 if _C is None:

@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:
         # Every flag after `train` is yolov5's (its own parser, its own --help and errors).
-        from .yolov5.train import main as train_main
+        from .yolov5.cli import main as train_main
 
         return train_main(argv[1:])
     args = build_parser().parse_args(argv)

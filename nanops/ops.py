@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from . import _distributed
+from ._torch_private import onnx_export_flag
 from . import _fallback, _loader  # noqa: F401  (_loader: kernels or fallback for every op, chosen once)
 
 TensorOrTensors = torch.Tensor | Iterable[torch.Tensor | None]
@@ -69,32 +70,36 @@ def _as_list(tensors: TensorOrTensors, name: str) -> list[torch.Tensor] | tuple[
         return _tensor_list(tensors, name)
 
 
+# The tensor types a list op takes as they are; anything else (None, DTensor, other subclasses,
+# non-tensors) is examined in Python first. A type test per entry costs ~30 ns.
+_PLAIN_TENSORS = frozenset({torch.Tensor, torch.nn.Parameter})
+
+
 def _call_list_op(op, tensors: TensorOrTensors, what: str, empty: Callable[[], torch.Tensor],
                   over_shards: Callable | None = None, rows: bool = False) -> torch.Tensor:
-    """op(list) with the checks in C++ only. When the op refuses the list (None entries, a
-    non-tensor, several devices, a sparse tensor, a CUDA tensor in a CPU-only build, DTensors),
-    the list is examined in Python: None entries are dropped and the op called again, anything
-    else raises an error naming the argument. So a well-formed list costs no per-tensor Python
-    work. DTensors (FSDP2 grads) go to `over_shards(op, shards)`, which runs the op on the local
-    shards and reduces the result over the mesh. rows: the result has a row per tensor, and a
-    None entry gets a row of zeros in its place (the rows line up with the list given)."""
+    """op(list), the path chosen before the call from the entries' types: a list of plain tensors
+    goes to the op as it is, its checks in C++ (a ValueError naming the tensor; a kernel's own
+    failure, out of memory or a device fault, reaches the caller unchanged). Any other list is
+    examined in Python: None entries are dropped, anything else raises an error naming the
+    argument; DTensors (FSDP2 grads) go to `over_shards(op, shards)`, which runs the op on the
+    local shards and reduces the result over the mesh. rows: the result has a row per tensor,
+    and a None entry gets a row of zeros in its place (the rows line up with the list given)."""
     tensor_list = _as_list(tensors, f"{what}: tensors")
     if not tensor_list:
         return empty()
-    try:
+    if all(type(t) in _PLAIN_TENSORS for t in tensor_list):
         return op(tensor_list)
-    except (TypeError, RuntimeError):  # NotImplementedError and ValueError's C++ twin included
-        checked = _tensor_list(tensor_list, f"{what}: tensors")
-        if rows and len(checked) < len(tensor_list):
-            return _rows_in_place(op, tensor_list, checked, what, empty, over_shards)
-        if not checked:
-            return empty()
-        if _distributed.any_sharded(checked):
-            shards = _distributed.local_shards(checked, what)
-            _check_list(shards.local, what)
-            return over_shards(op, shards)
-        _check_list(checked, what)
-        return op(checked)
+    checked = _tensor_list(tensor_list, f"{what}: tensors")
+    if rows and len(checked) < len(tensor_list):
+        return _rows_in_place(op, tensor_list, checked, what, empty, over_shards)
+    if not checked:
+        return empty()
+    if _distributed.any_sharded(checked):
+        shards = _distributed.local_shards(checked, what)
+        _check_list(shards.local, what)
+        return over_shards(op, shards)
+    _check_list(checked, what)
+    return op(checked)
 
 
 def _rows_in_place(op, given: list, present: list[torch.Tensor], what: str, empty, over_shards) -> torch.Tensor:
@@ -182,14 +187,14 @@ def _fake_check_device(t, what: str, name: str, device: torch.device) -> None:
     # Runs whenever one argument is a meta (or fake) tensor: a meta mask or found_inf beside real
     # data would otherwise reach this kernel and give uninitialised results instead of an error.
     if t is not None:
-        torch._check(t.device == device, lambda: f"{what}: {name} is on {t.device} but the data is on {device}")
+        torch._check_value(t.device == device, lambda: f"{what}: {name} is on {t.device} but the data is on {device}")
 
 
 def _fake_check_one_device(tensors, what: str) -> None:
     # Same contract as the real kernels, so a traced program fails where an eager one would.
     for i, t in enumerate(tensors):
-        torch._check(t.device == tensors[0].device,
-                     lambda: f"{what}: all tensors must be on one device; tensors[{i}] is on {t.device}")
+        torch._check_value(t.device == tensors[0].device,
+                           lambda: f"{what}: all tensors must be on one device; tensors[{i}] is on {t.device}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,12 +261,7 @@ def _onnx_exporting() -> bool:
     whole small stable_softmax call costs): the flags it reads, looked up once."""
     global _onnx_flags
     if _onnx_flags is None:
-        try:
-            from torch.onnx._internal.exporter import _flags
-            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-            _onnx_flags = lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting  # noqa: E731
-        except ImportError:  # another torch layout: ask torch each time
-            _onnx_flags = torch.onnx.is_in_onnx_export
+        _onnx_flags = onnx_export_flag()
     return bool(_onnx_flags())
 
 

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from nanops.yolov5.env import prepare_environment  # noqa: E402
+from nanops.yolov5.shims import prepare_environment  # noqa: E402
 
 # Offline yolov5/ultralytics with a writable config dir (and a font), before any test imports them.
 prepare_environment()

@@ -257,7 +257,7 @@ def ultralytics_worker_start(trainer) -> None:
     on GPUs) and makes the worker's second training batch corrupt."""
     from ultralytics.nn.tasks import BaseModel
 
-    from nanops.training.inject import inject_nonfinite_input
+    from nanops.tools.inject import inject_nonfinite_input
 
     if "LOCAL_RANK" not in os.environ:
         return  # the launching process (ultralytics builds its trainer there too)
@@ -305,9 +305,13 @@ def yolov5_rank(rank: int, world: int, data: str, project: str) -> dict:
     os.environ.update(LOCAL_RANK=str(rank), RANK=str(rank), WORLD_SIZE=str(world))
     from pathlib import Path
 
-    from nanops.yolov5 import train as nanops_train, transformer_yaml
+    from nanops.tools.inject import inject_nonfinite_input
+    from nanops.yolov5 import transformer_yaml
+    from nanops.yolov5.api import options
+    from nanops.yolov5.protection import Protection
+    from nanops.yolov5.swaps import installed
 
-    opt = nanops_train._options(dict(data=data, cfg=str(transformer_yaml()), weights="", batch_size=4 * world,
+    opt = options(dict(data=data, cfg=str(transformer_yaml()), weights="", batch_size=4 * world,
                                      imgsz=64, workers=0, device="cpu", project=project, name="ddp", exist_ok=True,
                                      noplots=True, epochs=2))
     import yolov5.train as yolov5_train
@@ -316,9 +320,9 @@ def yolov5_rank(rank: int, world: int, data: str, project: str) -> dict:
     opt.data, opt.cfg, opt.hyp = check_file(opt.data), check_yaml(opt.cfg), check_yaml(opt.hyp)
     opt.weights, opt.project = str(opt.weights), str(opt.project)
     opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-    protection = nanops_train.Protection(opt)
-    corrupt_rank_1 = nanops_train.inject_nonfinite_input(1) if rank == 1 else contextlib.nullcontext()
-    with protection.installed(), corrupt_rank_1:
+    protection = Protection(opt)
+    corrupt_rank_1 = inject_nonfinite_input(1) if rank == 1 else contextlib.nullcontext()
+    with installed(protection), corrupt_rank_1:
         yolov5_train.train(opt.hyp, opt, torch.device("cpu"), protection.callbacks())
     model = protection.model
     floats = [t for t in model.state_dict().values() if t.is_floating_point()]
@@ -326,7 +330,7 @@ def yolov5_rank(rank: int, world: int, data: str, project: str) -> dict:
         "skipped": torch.tensor(protection.scaler.skipped_steps),
         "total": torch.tensor(protection.scaler.total_steps),
         "finite": torch.tensor(all(bool(torch.isfinite(t).all()) for t in floats)),
-        "reported": [(s.epoch, s.iteration, s.kind, s.first_nonfinite) for s in protection.report.steps],
+        "reported": [(s.epoch, s.iteration, s.kind, s.first_nonfinite) for s in protection.skips],
         "save_dir": opt.save_dir,
     }
 

@@ -37,12 +37,12 @@ def test_meta_mask_is_rejected_by_wrapper_and_by_the_raw_op():
     meta_mask = torch.ones(2, 3, dtype=torch.bool, device="meta")
     with pytest.raises(ValueError, match="mask is on meta but x is on cpu"):
         nanops.stable_softmax(x, mask=meta_mask)
-    with pytest.raises(RuntimeError, match="mask is on meta but the data is on cpu"):
+    with pytest.raises(ValueError, match="mask is on meta but the data is on cpu"):
         torch.ops.nanops.stable_softmax(x, -1, 1.0, meta_mask)
 
 
 def test_meta_coef_is_rejected_by_the_raw_scale_op():
-    with pytest.raises(RuntimeError, match="coef is on meta"):
+    with pytest.raises(ValueError, match="coef is on meta"):
         torch.ops.nanops.scale_tensors_([torch.ones(3)], torch.ones((), dtype=torch.float64, device="meta"))
 
 
@@ -184,3 +184,33 @@ def test_norm_beyond_float32_is_inf_with_found_inf_and_a_skipped_step(dtype):
     optimizer = torch.optim.SGD([p], lr=1.0)
     assert nanops.guarded_step(optimizer).skipped
     assert (p == 0).all()
+
+
+class _FailingOp:
+    """Stands in for a torch.ops.nanops overload whose kernel fails as a GPU can (out of memory)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def default(self, *args):
+        self.calls += 1
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated by the test)")
+
+
+@pytest.mark.parametrize("op,call", [
+    ("all_finite", lambda: nanops.all_finite([torch.ones(3), torch.ones(2)])),
+    ("nonfinite_counts", lambda: nanops.nonfinite_counts([torch.ones(3), None])),
+    ("clip_grad_norm_", lambda: nanops.clip_grad_norm_([torch.nn.Parameter(torch.ones(3))], 1.0)),
+])
+def test_a_kernel_failure_reaches_the_caller_and_is_never_retried(op, call, monkeypatch):
+    # Argument problems are ValueErrors raised before any kernel runs (another path may take the
+    # list); a kernel's own failure (out of memory, a device fault) must surface at once.
+    failing = _FailingOp()
+    monkeypatch.setattr(torch.ops.nanops, op, failing)
+    if op == "clip_grad_norm_":
+        param = torch.nn.Parameter(torch.ones(3))
+        param.grad = torch.ones(3)
+        call = lambda: nanops.clip_grad_norm_([param], 1.0)  # noqa: E731
+    with pytest.raises(torch.OutOfMemoryError):
+        call()
+    assert failing.calls == 1

@@ -15,7 +15,7 @@ import yaml
 import nanops
 from nanops.tools.synthetic import write_yolo_dataset
 from nanops.training.checkpoints import UntrustedCheckpoint, checkpoint_loading, load
-from nanops.yolov5.env import transformer_yaml
+from nanops.yolov5 import transformer_yaml
 
 
 def _evil_cfg(marker) -> dict:
@@ -154,7 +154,7 @@ def test_a_library_class_own_setstate_is_not_run(marker, tmp_path, monkeypatch):
 def test_real_checkpoints_load_yolov5_ultralytics_rtdetr_and_patched(tmp_path):
     from ultralytics import RTDETR, YOLO
 
-    from nanops.yolov5.env import build_transformer_model
+    from nanops.yolov5 import build_transformer_model
 
     model = build_transformer_model(num_classes=1)
     nanops.patch(model)

@@ -12,7 +12,7 @@ from conftest import DEVICES, HAS_CUDA, rel_error
 from nanops.attention import _Logits16
 from nanops.fused_attention import fused_attention
 from nanops.patching import PatchedMultiheadAttention, PatchedWeightlessAttention
-from nanops.yolov5.env import import_yolov5_common
+from nanops.yolov5.shims import import_yolov5_common
 
 
 def reference(q, k, v, mask=None, scale=None):

@@ -5,7 +5,7 @@ import torch
 
 import nanops.nn as nnn
 from conftest import DEVICES
-from nanops.yolov5.env import import_yolov5_common
+from nanops.yolov5.shims import import_yolov5_common
 
 common = import_yolov5_common()
 

@@ -172,7 +172,7 @@ def test_guard_validates_its_policy_arguments():
 
 @pytest.mark.slow
 def test_an_unpatched_yolov5_transformer_layer_overflowing_in_attention_is_promoted():
-    from nanops.yolov5.env import import_yolov5_common
+    from nanops.yolov5.shims import import_yolov5_common
 
     common = import_yolov5_common()
 

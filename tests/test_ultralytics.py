@@ -7,7 +7,7 @@ import torch
 
 import nanops.ultralytics
 from conftest import run_without_nanops
-from nanops.training.inject import inject_nonfinite_input
+from nanops.tools.inject import inject_nonfinite_input
 from nanops.tools.synthetic import write_yolo_dataset
 
 pytestmark = [

@@ -13,7 +13,7 @@ import yaml
 
 from nanops.tools.synthetic import write_yolo_dataset
 from nanops.yolov5 import transformer_yaml
-from nanops.yolov5.train import SKIPPED_CSV, run, run_plain
+from nanops.yolov5 import SKIPPED_CSV, run, run_plain
 
 pytestmark = [
     pytest.mark.slow,
@@ -148,14 +148,10 @@ def test_a_model_not_finite_in_float16_never_overwrites_a_good_checkpoint(data16
 
 def test_an_inf_checkpoint_keeps_the_previous_good_file(tmp_path):
     # The guard on yolov5's torch.save, directly: a good last.pt stays when the next state is inf.
-    import logging
+    from nanops.yolov5.saving import guarded_save
 
-    from nanops.yolov5.train import Protection
-
-    protection = Protection.__new__(Protection)
-    protection.unsaved = []
-    protection.report = type("R", (), {"logger": logging.getLogger("nanops-test")})()
-    save = protection._save(torch.save)
+    refused = []
+    save = guarded_save(torch.save, lambda path, bad: refused.append((path, bad)))
     good = torch.nn.Linear(3, 3).half()
     bad = torch.nn.Linear(3, 3).half()
     with torch.no_grad():
@@ -164,9 +160,9 @@ def test_an_inf_checkpoint_keeps_the_previous_good_file(tmp_path):
     save({"epoch": 0, "model": good, "ema": good}, last)
     before = last.read_bytes()
     save({"epoch": 1, "model": bad, "ema": good}, last)
-    assert last.read_bytes() == before and protection.unsaved == [str(last)]
+    assert last.read_bytes() == before and refused == [(str(last), "model.weight")]
     save({"epoch": 1, "model": good, "ema": bad}, tmp_path / "best.pt")
-    assert not (tmp_path / "best.pt").exists() and len(protection.unsaved) == 2
+    assert not (tmp_path / "best.pt").exists() and refused[1] == (str(tmp_path / "best.pt"), "ema.weight")
     torch.save({"not": "a checkpoint"}, tmp_path / "other.pt")  # anything else is saved as torch saves it
 
 

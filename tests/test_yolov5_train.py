@@ -11,7 +11,8 @@ import torch
 from conftest import run_without_nanops
 from nanops.tools.synthetic import write_yolo_dataset
 from nanops.yolov5 import transformer_yaml
-from nanops.yolov5.train import SKIPPED_CSV, inject_nonfinite_input, run, run_plain
+from nanops.tools.inject import inject_nonfinite_input
+from nanops.yolov5 import SKIPPED_CSV, run, run_plain
 
 pytestmark = [
     pytest.mark.slow,
@@ -155,7 +156,7 @@ class _Evil:
 
 def test_torch_load_safety_is_kept_and_only_yolov5_checkpoints_pass(runs, tmp_path, monkeypatch, capsys):
     from nanops.cli import main
-    from nanops.yolov5.env import checkpoint_loading
+    from nanops.training import checkpoint_loading
 
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ  # nanops no longer turns torch's check off
     _, nanops_dir, _, data = runs

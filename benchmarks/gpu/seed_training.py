@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from nanops.tools.demo import demo_files
-from nanops.yolov5.env import prepare_environment, quiet_yolov5_import
+from nanops.yolov5.shims import prepare_environment, quiet_yolov5_import
 
 
 @contextlib.contextmanager
@@ -151,7 +151,7 @@ def weights_finite(save_dir: Path) -> bool:
 
 
 def train_once(which: str, flags: dict, scale: float) -> dict:
-    from nanops.yolov5.train import run, run_plain
+    from nanops.yolov5 import run, run_plain
 
     updates: list[dict] = []
     amp_checks: list[str] = []

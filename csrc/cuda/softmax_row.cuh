@@ -245,4 +245,24 @@ __device__ __forceinline__ void load_partial_packs(const RowPacks<T>& packs, con
   }
 }
 
+// The logits of a lane's packs (exp domain; -inf outside the row) from their loaded x and mask
+// elements. raw: x itself (the caller folds the scale into the exp). Full packs take no
+// per-element bounds test.
+template <MaskKind kKind, typename T, typename M, typename A, int kPacks, int V>
+__device__ __forceinline__ void logits_of(const RowPacks<T>& packs, int first, int step, const Pack<T, V> (&xp)[kPacks],
+                                          const Pack<M, V> (&mp)[kPacks], A scale_log2, bool raw, A (&z)[kPacks][V]) {
+#pragma unroll
+  for (int i = 0; i < kPacks; ++i) {
+    const int pack = first + i * step;
+    const bool full = packs.full(pack);
+    const int s = packs.start(pack);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const A xk = static_cast<A>(Elem<T>::widen(xp[i].v[k]));
+      const A zk = raw ? xk : logit<kKind>(xk, scale_log2, mp[i].v[k]);
+      z[i][k] = (full || packs.j_in_row(s + k)) ? zk : -infinity<A>();
+    }
+  }
+}
+
 }  // namespace nanops::cuda

@@ -25,8 +25,10 @@ import torch
 import yaml
 
 from ..training.checkpoints import load as load_checkpoint
-from ..yolov5.env import prepare_environment, quiet_yolov5_import, transformer_yaml
-from ..yolov5.train import SkippedStep, inject_nonfinite_input, run, run_plain
+from ..yolov5 import transformer_yaml
+from ..yolov5.shims import prepare_environment, quiet_yolov5_import
+from ..yolov5 import SkippedStep, run, run_plain
+from .inject import inject_nonfinite_input
 from .synthetic import write_yolo_dataset
 
 # What makes a from-scratch detector learn in a minute: a narrow model, one class of large boxes,

@@ -40,6 +40,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .._torch_private import weights_only_globals
+
 TRUST_CHECKPOINTS = "NANOPS_TRUST_CHECKPOINTS"  # =1: the documented opt-in to full unpickling
 
 # Where the module classes of a checkpoint may come from, and the modules that may be imported to
@@ -96,9 +98,7 @@ def _numpy_types() -> set[int]:
 @functools.lru_cache(maxsize=1)
 def _safe_globals() -> dict:
     """Name -> object of every global a checkpoint may hold besides module classes."""
-    from torch._weights_only_unpickler import _get_allowed_globals
-
-    found = dict(_get_allowed_globals())
+    found = weights_only_globals()
     found.update(_numpy_globals())
     for cls in (pathlib.PosixPath, pathlib.PurePosixPath, pathlib.WindowsPath, pathlib.PureWindowsPath,
                 pathlib.Path):

@@ -24,20 +24,19 @@ stream). Replays run on each rank's own module, with no collective; the findings
 from __future__ import annotations
 
 import inspect
-import warnings
+import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import torch
 
 from .. import _distributed
+from .._torch_private import loss_scale, record_found_inf, steps_with_found_inf
 from ..clip import clip_coef_for_fused_step, clip_grad_norm_
-from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, RollbackState,
-                         events_of_every_rank, likely_cause, message)
-from .locate import RngState, _cuda_devices, find_overflow, locate_step
-from .promote import promote_named
-from .snapshot import NormBufferSnapshot
+from .divergence import DivergenceLimits
+from .session import Session
+from .skips import SkippedStep, SkipReport
 from .watch import Finding
-from .window import MicroBatchWindow
 
 LossFn = Callable[[], torch.Tensor]
 
@@ -59,6 +58,7 @@ class StepResult:
         self.found_inf = found_inf
         self.finding = finding
         self._skipped = skipped
+        self.loss_scale: torch.Tensor | None = None  # a skipped AMP step's loss scale (its backward's)
 
     @property
     def skipped(self) -> bool:
@@ -88,7 +88,7 @@ def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.step()` can skip itself from a `found_inf` tensor (as torch's GradScaler
     drives fused optimizers) and leave its state as it was. Its first step cannot: fused SGD
     would keep uninitialised momentum buffers, Adam fresh zero moments, where there were none."""
-    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+    if not steps_with_found_inf(optimizer):
         return False
     if "grad_scaler" in inspect.signature(optimizer.step).parameters:
         return False  # the deprecated protocol: the optimizer would call our scaler
@@ -111,7 +111,7 @@ def _check_arguments(optimizer, scaler) -> bool:
     if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
         raise TypeError(f"guarded_step: scaler must be a torch.amp.GradScaler or None, got {type(scaler).__name__}")
     amp = scaler is not None and scaler.is_enabled()
-    if amp and scaler._scale is None:
+    if amp and loss_scale(scaler) is None:
         # Checked before anything changes: torch's unscale_ raises the same after nothing happened.
         raise RuntimeError("guarded_step: the scaler's scale is None. This may indicate your script did not use "
                            "scaler.scale(loss or outputs) earlier in the iteration.")
@@ -124,21 +124,21 @@ def _step(
     max_norm: float,
     parameters: list[torch.Tensor] | None,
     *,
-    snapshot: NormBufferSnapshot | None = None,
-    locate: LossFn | None = None,
-    model: torch.nn.Module | None = None,
-    rng_state: RngState | None = None,
     window_flag: torch.Tensor | None = None,
+    known: bool = False,
     agree: bool = False,
     group=None,
 ) -> StepResult:
+    """The step itself: unscale + check + clip fused, step or skip, scaler updated, grads zeroed.
+    known: the caller must know on the host whether the step was skipped (to replay it), so the
+    optimizer's own device-side skip is not used; a skip's loss scale is then kept on the result."""
     amp = _check_arguments(optimizer, scaler)
     params = parameters if parameters is not None else _optimizer_params(optimizer)
     device = _grad_device(params)
     found_inf = torch.zeros(1, device=device)
-    inv_scale = scaler._scale.double().reciprocal().float() if amp else None
+    inv_scale = loss_scale(scaler).double().reciprocal().float() if amp else None
     skipped: bool | None = None
-    if locate is None and _skips_on_device(optimizer):
+    if not known and _skips_on_device(optimizer):
         # The optimizer's kernel reads found_inf and leaves params and state alone when it is 1,
         # and divides the grads by grad_scale as it reads them: the unscale and the clip ride on
         # the step, so the grads are read once by the norm and never rewritten by the clip.
@@ -159,24 +159,16 @@ def _step(
         skipped = bool(found_inf.item())  # the one host sync of the step
         if not skipped:
             optimizer.step()
-    if snapshot is not None and window_flag is None:  # with a window, each micro-batch settled its own
-        snapshot.settle(found_inf)
-    finding = None
-    if skipped and locate is not None:
-        try:
-            with _distributed.local_forward(model):
-                finding = locate_step(_distributed.unwrap(model), locate, parameters=params,
-                                      loss_scale=scaler._scale if amp else None, rng_state=rng_state)
-        except Exception as err:  # a failing locator must not change what the step did: it is the finding
-            finding = Finding.replay_failed(err)
+    result = StepResult(total_norm, found_inf, None, skipped)
+    if skipped and amp:
+        result.loss_scale = loss_scale(scaler).clone()  # the backward's: update() is about to back it off
     if amp:
         # GradScaler.update() reads the found_inf that unscale_ would have recorded; record ours
-        # (private state, stable across torch 2.x) so the scale backs off on overflow as usual.
-        state = scaler._per_optimizer_states[id(optimizer)]
-        state["found_inf_per_device"] = {device: found_inf}
+        # so the scale backs off on overflow as usual.
+        record_found_inf(scaler, optimizer, device, found_inf)
         scaler.update()
     optimizer.zero_grad()
-    return StepResult(total_norm, found_inf, finding, skipped)
+    return result
 
 
 def guarded_step(
@@ -205,13 +197,19 @@ def guarded_step(
     if locate is not None and not isinstance(model, torch.nn.Module):
         raise ValueError("guarded_step: locate needs model= (the torch.nn.Module whose modules are named)")
     params = list(parameters) if parameters is not None else None
-    return _step(optimizer, scaler, max_norm, params, locate=locate, model=model)
+    result = _step(optimizer, scaler, max_norm, params, known=locate is not None)
+    if locate is not None and result.skipped:
+        session = Session(promote_overflow=False)
+        session.attach(model)
+        result.finding, _ = session.locate(locate, loss_scale=result.loss_scale, parameters=params)
+    return result
 
 
 class Guard:
-    """One training loop's protection: a skipped step leaves weights, optimizer state and
-    BatchNorm statistics as they were before the batch, and (with `locate`) is replayed from its
-    own RNG state to name the first non-finite module.
+    """One training loop's protection, the face of nanops.training.Session for hand-written
+    loops: a skipped step leaves weights, optimizer state and BatchNorm statistics as they were
+    before the batch, and (with `locate`) is replayed from its own RNG state to name the first
+    non-finite module.
 
         guard = nanops.Guard(model, optimizer, scaler, max_norm=10.0)
         for imgs, targets in loader:
@@ -222,6 +220,7 @@ class Guard:
             result = guard.step(locate=lambda: replay_loss(imgs, targets))
             if not result.skipped:   # reading it syncs when the step did not have to
                 ema.update(model)
+        guard.epoch_end()            # optional: the divergence watch read, the epoch counted
 
     Healthy steps run no hooks and no replay; the closure runs only on a skipped step.
 
@@ -230,7 +229,8 @@ class Guard:
     the BatchNorm statistics its own batch moved, the replay runs on each rank's module alone,
     and `findings` holds the first rank's finding that names a module, with its rank.
     `process_group`: grads synchronised by hand over that group (not by DDP or FSDP2) have their
-    found_inf all-reduced over it at each step.
+    found_inf all-reduced over it at each step. `save_dir`: replayed skips are also logged
+    (logger "nanops") and written to `<save_dir>/nanops_skipped_steps.csv`.
     """
 
     def __init__(
@@ -246,34 +246,43 @@ class Guard:
         limits: DivergenceLimits | None = None,
         promote_overflow: bool = True,
         process_group=None,
+        save_dir: str | Path | None = None,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Guard: model must be a torch.nn.Module, got {type(model).__name__}")
-        if on_divergence not in POLICIES:
-            raise ValueError(f"Guard: on_divergence must be one of {POLICIES}, got {on_divergence!r}")
         if not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"Guard: check_every must be a positive int, got {check_every!r}")
         _check_arguments(optimizer, None)
         self.model, self.optimizer, self.scaler, self.max_norm = model, optimizer, scaler, max_norm
         self._params = list(parameters) if parameters is not None else None
-        self._snapshot = NormBufferSnapshot(model)
-        self._snapshot.take()
-        self.total_steps = 0
+        self.save_dir = save_dir
+        report = SkipReport(logging.getLogger("nanops")) if save_dir is not None else None
+        self.session = Session(on_divergence=on_divergence, limits=limits, rollback_every=check_every,
+                               promote_overflow=promote_overflow, report=report, log_everywhere=True)
+        self.session.attach(model, amp=scaler is not None and scaler.is_enabled())
+        self.session.state_objects = lambda: {"model": self.model, "optimizer": self.optimizer}
+        self.check_every = check_every
+        self.epoch = 0
         self._skipped: torch.Tensor | None = None  # running count on the device: no sync to keep it
         self.findings: list[tuple[int, Finding | None]] = []  # (step index, finding) of replayed skips
-        self._rng_devices = _cuda_devices(model)  # looked up once: a walk over the model costs ms
-        self._window: MicroBatchWindow | None = None
-        self.divergence = DivergenceWatch(limits)
-        self.on_divergence, self.check_every = on_divergence, check_every
-        self._rollback = RollbackState(every=check_every) if on_divergence == "rollback" else None
-        self.promote_overflow = promote_overflow
-        self.promoted: list[str] = []  # modules switched to float32 after a float16 overflow
         self.process_group = process_group
         self.begin()
 
+    # The session's state, under the names Guard has always had.
+    on_divergence = property(lambda self: self.session.on_divergence)
+    promote_overflow = property(lambda self: self.session.promote_overflow)
+    divergence = property(lambda self: self.session.divergence)
+    promoted = property(lambda self: self.session.promoted)
+    skips = property(lambda self: self.session.skips)
+    total_steps = property(lambda self: self.session.total_steps)
+
     def begin(self) -> None:
         """Marks the RNG state the coming step starts from (a host-side copy, no sync)."""
-        self._rng = RngState.capture(self._rng_devices)
+        self.session.begin_batch()
+
+    @property
+    def _rng(self):
+        return self.session.rng_state
 
     def micro_batch(self, loss: torch.Tensor) -> torch.Tensor:
         """With gradient accumulation, call it with each micro-batch's loss after its backward.
@@ -282,11 +291,8 @@ class Guard:
         step is skipped. Returns the micro-batch's flag, a 0-dim bool tensor (reading it syncs).
         Use it for every micro-batch or for none; the first call's snapshot is the state at the
         Guard's construction or its last step."""
-        if self._window is None:
-            self._window = MicroBatchWindow(self.model)
-            self._window.adopt(self._snapshot)
-        flag = self._window.check(loss)
-        self._window.settle()
+        flag = self.session.micro_batch(loss)
+        self.session.settle()
         return flag
 
     @property
@@ -308,24 +314,35 @@ class Guard:
         handled by `on_divergence`: "warn" (warnings.warn), "stop" (raises nanops.Diverged) or
         "rollback" (model and optimizer back to the last good state, lr divided by 10).
         """
-        window_flag = self._window.close() if self._window is not None else None
-        result = _step(self.optimizer, self.scaler, self.max_norm, self._params, snapshot=self._snapshot,
-                       locate=locate, model=self.model, rng_state=self._rng, window_flag=window_flag,
-                       agree=self._must_agree(window_flag), group=self.process_group)
+        session = self.session
+        window_flag = session.close_window()
+        result = _step(self.optimizer, self.scaler, self.max_norm, self._params, window_flag=window_flag,
+                       known=locate is not None, agree=self._must_agree(window_flag), group=self.process_group)
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)
+        index = session.total_steps
+        session.stepped(result.found_inf, skipped=result._skipped, loss=loss, norm=result.total_norm,
+                        scale=loss_scale(self.scaler) if session.amp else None, place=f"(step {index})")
         if locate is not None and result.skipped:
-            overflow = self._overflow(result.finding, locate)
-            result.finding = self._gather_findings(result, overflow)
-            self.findings.append((self.total_steps, result.finding))
-        amp = self.scaler is not None and self.scaler.is_enabled()
-        self.divergence.record(result.found_inf, loss, result.total_norm, self.scaler._scale if amp else None)
-        self.total_steps += 1
-        if self._rollback is not None:
-            self._rollback.maybe_take(self.total_steps, {"model": self.model, "optimizer": self.optimizer})
-        if self.total_steps % self.check_every == 0:
-            self._handle(self.divergence.read(), amp)
+            finding, overflow = session.locate(locate, loss_scale=result.loss_scale, parameters=self._params)
+            result.finding, promoted = session.agree(finding, overflow)
+            self.findings.append((index, result.finding))
+            session.record(SkippedStep(self.epoch, index, result.finding, promoted=promoted, step=index),
+                           self.save_dir)
+        if session.total_steps % self.check_every == 0:
+            session.check()
         self.begin()
         return result
+
+    def epoch_end(self) -> None:
+        """Optional: an epoch ended. The divergence watch is read (one host sync, every rank at
+        once) and the epoch counted (skips record it)."""
+        self.session.check(f"(epoch {self.epoch})")
+        self.epoch += 1
+
+    def finish(self) -> None:
+        """Optional: the run's summary line, and the CSV written, where `save_dir` was given."""
+        if self.save_dir is not None:
+            self.session.finish(self.save_dir, self.total_steps, self.skipped_steps)
 
     def _must_agree(self, window_flag: torch.Tensor | None) -> bool:
         """Whether the ranks must all-reduce found_inf (over process_group, default the world): not
@@ -335,47 +352,3 @@ class Guard:
         if _distributed.world_size() == 1:
             return False
         return self.process_group is not None or window_flag is not None
-
-    def _overflow(self, finding: Finding | None, locate: LossFn) -> str | None:
-        """The module whose float16 forward overflowed in this rank's replay (its name), if any."""
-        if not (self.promote_overflow and self.scaler is not None and self.scaler.is_enabled()):
-            return None
-        with _distributed.local_forward(self.model):
-            found = find_overflow(_distributed.unwrap(self.model), finding, locate, self._rng)
-        return found[0] if found is not None else None
-
-    def _gather_findings(self, result: StepResult, overflow: str | None) -> Finding | None:
-        """Every rank's replay finding and overflowing module: the first real finding (with its
-        rank under torch.distributed) is the step's on every rank, and a module that overflowed
-        on any rank is promoted on all of them, so the replicas keep computing alike."""
-        finding = result.finding
-        if _distributed.world_size() > 1:
-            ranks = _distributed.gather_to_all((result.finding, overflow))
-            for r, (f, _) in enumerate(ranks):
-                if f is not None:
-                    f.rank = r
-            found = [f for f, _ in ranks if f is not None]
-            finding = next((f for f in found if f.phase != "replay failed"), found[0] if found else None)
-            overflows = [name for _, name in ranks if name is not None]
-        else:
-            overflows = [overflow] if overflow is not None else []
-        for name in promote_named(_distributed.unwrap(self.model), overflows):
-            self.promoted.append(name)
-            warnings.warn(f"nanops: float16 overflow in the forward of {name} (its inputs were finite): it "
-                          "runs in float32 from now on, the rest of the model in float16", stacklevel=4)
-        return finding
-
-    def _handle(self, events: list[DivergenceEvent], amp: bool) -> None:
-        events = events_of_every_rank(events)
-        last_finding = next((f for _, f in reversed(self.findings) if f is not None), None)
-        for event in events:
-            where = str(last_finding) if last_finding is not None else None
-            text = message(event, likely_cause(event, amp, None, where), finding=where)
-            if self.on_divergence == "stop":
-                raise Diverged(text)
-            if self.on_divergence == "rollback" and self._rollback is not None:
-                step = self._rollback.restore(event.step, {"model": self.model, "optimizer": self.optimizer})
-                if step is not None:
-                    self._snapshot.take()
-                    text += f" Rolled back to step {step}'s state with the learning rate divided by 10."
-            warnings.warn(text, stacklevel=3)

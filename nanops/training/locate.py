@@ -27,7 +27,7 @@ def _device_of(inputs: tuple) -> torch.device:
     return torch.device("cpu")
 
 
-def _cuda_devices(model: nn.Module) -> list[int]:
+def cuda_devices(model: nn.Module) -> list[int]:
     """The CUDA device indices of the model's parameters (a walk over the model: not per step)."""
     return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
 
@@ -56,7 +56,7 @@ def _replaying(model: nn.Module, rng_state: RngState | None):
     they are as they were on entry. With `rng_state`, the RNG starts from it (the step's own)."""
     snapshot = NormBufferSnapshot(model)
     snapshot.take()
-    devices = sorted(set(_cuda_devices(model)) | set(rng_state.cuda if rng_state else ()))
+    devices = sorted(set(cuda_devices(model)) | set(rng_state.cuda if rng_state else ()))
     try:
         with torch.random.fork_rng(devices=devices):
             if rng_state is not None:

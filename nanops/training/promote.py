@@ -14,6 +14,8 @@ import weakref
 import torch
 from torch import nn
 
+from .global_hooks import forward_hook, forward_pre_hook
+
 _promoted: weakref.WeakSet = weakref.WeakSet()
 _active: dict[int, list] = {}
 _handles: list = []
@@ -57,8 +59,8 @@ def promote(module: nn.Module) -> bool:
     if module in _promoted:
         return False
     if not _handles:
-        _handles.append(torch.nn.modules.module.register_module_forward_pre_hook(_pre_hook))
-        _handles.append(torch.nn.modules.module.register_module_forward_hook(_post_hook, always_call=True))
+        _handles.append(forward_pre_hook(_pre_hook))
+        _handles.append(forward_hook(_post_hook, always_call=True))
     _promoted.add(module)
     return True
 

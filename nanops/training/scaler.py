@@ -19,9 +19,10 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state
 
 from .. import _distributed
+from .._torch_private import (OptState, _refresh_per_optimizer_state, loss_scale, optimizer_state,
+                              sparse_values)
 from ..ops import nonfinite_flag
 from .snapshot import NormBufferSnapshot
 
@@ -35,10 +36,8 @@ def _optimizer_grads(optimizer: torch.optim.Optimizer) -> dict[torch.device, lis
             g = p.grad
             if g is None:
                 continue
-            if g.layout == torch.sparse_coo:
-                g = g._values()
-            elif g.layout != torch.strided:
-                g = g.values()
+            if g.layout != torch.strided:
+                g = sparse_values(g)
             grads.setdefault(g.device, []).append(g)
     return grads
 
@@ -119,6 +118,12 @@ class GradScaler(torch.amp.GradScaler):
         self._on_skip.append(callback)
 
     @property
+    def scale_tensor(self) -> torch.Tensor | None:
+        """The current loss scale as a (1,) device tensor (no sync, unlike get_scale()); None
+        when disabled or before the first scale()."""
+        return loss_scale(self) if self.is_enabled() else None
+
+    @property
     def last_step_skipped(self) -> bool:
         """Whether the last `step` skipped the optimizer (read once, in `step`)."""
         return self._last_skipped
@@ -128,7 +133,7 @@ class GradScaler(torch.amp.GradScaler):
         """AMP on: torch's unscale_. AMP off: records whether any grad is NaN/Inf (fused, on the
         grads' device, no host sync); the grads are not changed, and a second call before the
         step is a no-op (as torch's disabled scaler takes it)."""
-        state = self._per_optimizer_states[id(optimizer)]
+        state = optimizer_state(self, optimizer)
         if self.is_enabled():
             super().unscale_(optimizer)
             self._fold_and_agree(state)
@@ -148,7 +153,7 @@ class GradScaler(torch.amp.GradScaler):
         AMP off with a closure (`step(optimizer, closure)`): the closure runs first, its grads are
         checked, and the optimizer gets that evaluation (a second evaluation, as LBFGS's line
         search makes, runs the closure again). AMP on: closures are refused, as torch refuses them."""
-        state = self._per_optimizer_states[id(optimizer)]
+        state = optimizer_state(self, optimizer)
         if self.is_enabled():
             retval = super().step(optimizer, *args, **kwargs)
             skipped = self._found_any_inf(state)  # torch's step has synced on these already
@@ -159,7 +164,7 @@ class GradScaler(torch.amp.GradScaler):
         if skipped:
             self.skipped_steps += 1
             if self.is_enabled():
-                self.scale_of_last_skip = self._scale.clone()  # update() is about to back it off
+                self.scale_of_last_skip = loss_scale(self).clone()  # update() is about to back it off
         self._settle_snapshots(optimizer, skipped)
         if skipped:
             for callback in self._on_skip:

@@ -1,6 +1,6 @@
 """The record of a protected run's skipped steps: the console line, the CSV, the summary.
 
-Shared by `nanops train` (yolov5) and `nanops.ultralytics.protect`.
+Kept by nanops.training.Session for Guard and every framework wing.
 """
 from __future__ import annotations
 
@@ -8,13 +8,6 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collections.abc import Callable
-
-import torch
-
-from .. import _distributed
-from .locate import RngState, find_overflow, locate_step
-from .promote import promote_named
 from .watch import Finding
 
 SKIPPED_CSV = "nanops_skipped_steps.csv"
@@ -22,17 +15,34 @@ SKIPPED_CSV = "nanops_skipped_steps.csv"
 
 @dataclass
 class SkippedStep:
-    """One skip of a protected run. kind "step": an optimizer step was skipped (its grads held
-    NaN/Inf); "batch": a micro-batch's loss was non-finite (its BatchNorm updates undone, its
-    accumulation window's step skipped, or dropped if the window was cut short), with its images."""
+    """One skip of a protected run, the one record every wing and Guard keep of it. kind "step":
+    an optimizer step was skipped (its grads held NaN/Inf); "batch": a micro-batch's loss was
+    non-finite (its BatchNorm updates undone, its accumulation window's step skipped, or dropped
+    if the window was cut short), with its images."""
 
     epoch: int
     iteration: int  # the run's optimizer-loop iteration (yolov5's ni), counted over every epoch
-    first_nonfinite: str
+    finding: Finding | None = None  # where the replay found it first non-finite (rank included)
     images: list[str] = field(default_factory=list)
     generation: int = 0
     kind: str = "step"
     batch: int | None = None  # within the epoch, from 0, where the trainer tells it
+    replayed: bool = True     # False: nothing could be replayed (the batch was not seen)
+    promoted: list[str] = field(default_factory=list)  # modules run in float32 from this skip on
+    step: int | None = None   # the optimizer step, counted from 0
+
+    @property
+    def first_nonfinite(self) -> str:
+        """Where it first went non-finite, as the log line and the CSV say it (the one place a
+        finding becomes text): "forward of model.0.conv", "backward of model.8.cv3.bn" (the
+        gradient flowing into that module's output), "loss (...)", "not reproduced (...)",
+        with the float16 overflow promoted and, under torch.distributed, the rank."""
+        text = describe(self.finding) if self.replayed else "unknown"
+        if self.promoted:
+            text += f" (a float16 overflow: {', '.join(self.promoted)} runs in float32 from now on)"
+        if self.finding is not None and self.finding.rank is not None:
+            text += f" (rank {self.finding.rank})"
+        return text
 
     def where(self) -> str:
         """"epoch 1, batch 1 (iteration 5)", or "epoch 1, iteration 5" when the batch is unknown."""
@@ -40,55 +50,15 @@ class SkippedStep:
             return f"epoch {self.epoch}, iteration {self.iteration}"
         return f"epoch {self.epoch}, batch {self.batch} (iteration {self.iteration})"
 
+    def __str__(self) -> str:
+        return f"{self.where()}: {self.first_nonfinite}"
+
 
 def describe(finding: Finding | None) -> str:
-    """A Finding as the skip report writes it: "forward of model.0.conv", "backward of model.8.cv3.bn"
-    (the gradient flowing into that module's output), "loss ..." or "not reproduced ..."."""
+    """A replay's Finding as `SkippedStep.first_nonfinite` writes it (None: not reproduced)."""
     if finding is None:
         return "not reproduced on replay (every module output, the loss and every gradient were finite)"
-    if finding.phase == "loss":
-        return "loss (every module's forward output was finite)"
-    if finding.phase == "replay failed":
-        return f"unknown: the replay raised {finding.module}"
-    return f"{finding.phase} of {finding.module or '<root>'}"
-
-
-def replay_where(
-    model: torch.nn.Module,
-    loss_fn: Callable[[], torch.Tensor],
-    *,
-    loss_scale: torch.Tensor | float | None,
-    rng_state: RngState | None,
-    amp: bool,
-) -> tuple[str, str | None]:
-    """A skipped micro-batch replayed on this rank's `model` alone: where it first went
-    non-finite (as `describe` writes it) and, under AMP, the module whose float16 forward
-    overflowed from finite inputs (else None), for `agree_on_where` to promote."""
-    try:
-        finding = locate_step(model, loss_fn, loss_scale=loss_scale, rng_state=rng_state)
-    except Exception as err:  # the replay must never stop the training it reports on
-        return describe(Finding.replay_failed(err)), None
-    where = describe(finding)
-    if amp:
-        found = find_overflow(model, finding, loss_fn, rng_state)
-        if found is not None:
-            return where + f" (a float16 overflow: {found[0]} runs in float32 from now on)", found[0]
-    return where, None
-
-
-def agree_on_where(model: torch.nn.Module, where: str, overflow: str | None, promoted: list[str]) -> str:
-    """The finding the report gives, the same on every rank, and the overflowing modules run in
-    float32 from now on (appended to `promoted`). One process: `where` itself. Under
-    torch.distributed (every rank calls it, after the same skip): the first rank's finding that
-    names a module, with its rank, and a module that overflowed on any rank promoted on all, so
-    the replicas keep computing alike."""
-    ranks = _distributed.gather_to_all((where, overflow))
-    promoted += promote_named(_distributed.unwrap(model), (o for _, o in ranks if o is not None))
-    if len(ranks) == 1:
-        return where
-    real = [(r, w) for r, (w, _) in enumerate(ranks) if not w.startswith(("not reproduced", "unknown"))]
-    r, where = real[0] if real else (0, ranks[0][0])
-    return f"{where} (rank {r})"
+    return finding.where()
 
 
 CSV_FIELDS = ["generation", "epoch", "iteration", "kind", "images", "first_nonfinite"]
@@ -111,7 +81,8 @@ class SkipReport:
             with path.open(newline="") as f:
                 self._earlier_rows = [row for row in csv.DictReader(f)]
 
-    def add(self, step: SkippedStep, save_dir: Path | str) -> None:
+    def add(self, step: SkippedStep, save_dir: Path | str | None) -> None:
+        """Logs the skip and rewrites the CSV (when there is a save_dir)."""
         self.steps.append(step)
         if step.kind == "batch":
             images = ", ".join(step.images[:4]) + (f" and {len(step.images) - 4} more" if len(step.images) > 4 else "")
@@ -125,7 +96,8 @@ class SkipReport:
                 f"nanops: skipped the optimizer step at {step.where()}: non-finite "
                 f"gradients; first non-finite: {step.first_nonfinite}. Weights, optimizer state, EMA and BatchNorm "
                 "statistics are as before this batch.")
-        self.write(save_dir)
+        if save_dir is not None:
+            self.write(save_dir)
 
     def write(self, save_dir: Path | str) -> Path:
         path = Path(save_dir) / SKIPPED_CSV

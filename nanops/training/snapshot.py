@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
+
+from .._torch_private import NormBase, foreach_copy_
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -31,7 +32,7 @@ class NormBufferSnapshot:
     after construction is fine."""
 
     def __init__(self, model: nn.Module):
-        self._modules = [m for m in model.modules() if isinstance(m, _NormBase) and m.track_running_stats]
+        self._modules = [m for m in model.modules() if isinstance(m, NormBase) and m.track_running_stats]
         self._layout: list[tuple] = []
         self._flat: dict[tuple, torch.Tensor] = {}     # (device, dtype) -> the copies, end to end
         self._groups: dict[tuple, list[int]] = {}      # (device, dtype) -> buffer indices
@@ -95,14 +96,14 @@ class NormBufferSnapshot:
         if not self._same_layout(buffers):
             self._allocate(buffers)
         elif buffers:
-            torch._foreach_copy_(self._copies, buffers)
+            foreach_copy_(self._copies, buffers)
 
     def restore(self) -> None:
         """Writes the last snapshot back into the buffers, in place."""
         buffers = self._checked_buffers("restore")
         if buffers:
             with torch.no_grad():
-                torch._foreach_copy_(buffers, self._copies)
+                foreach_copy_(buffers, self._copies)
 
     def settle(self, found_inf: torch.Tensor) -> None:
         """`restore()` where `found_inf` (a one-element tensor) is non-zero, `take()` where it is
@@ -112,4 +113,4 @@ class NormBufferSnapshot:
             for key, live in self._by_group.items():
                 flat = self._flat[key]
                 torch.where(found_inf.to(key[0]).reshape(()) != 0, flat, _flatten(live), out=flat)
-                torch._foreach_copy_(live, self._group_copies[key])
+                foreach_copy_(live, self._group_copies[key])

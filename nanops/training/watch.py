@@ -23,8 +23,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
+
+from .._torch_private import pytree
+from .global_hooks import forward_hook, forward_pre_hook
 
 # Pending per-module counts kept on the device before they are read (about 100 steps of a
 # 200-module model); past that they are folded with one host sync.
@@ -49,15 +51,21 @@ class Finding:
         """The finding of a replay whose closure raised: the error, in place of a module."""
         return cls(f"{type(err).__name__}: {err}", "replay failed", 0, 0, 0, 0)
 
+    def where(self) -> str:
+        """Where it went non-finite, the phrase every report uses: "forward of model.0.conv",
+        "backward of model.8.cv3.bn" (the gradient flowing into that module's output), "loss (...)"
+        or, for a replay that raised, "unknown: the replay raised ..."."""
+        if self.phase == "loss":
+            return "loss (every module's forward output was finite)"
+        if self.phase == "replay failed":
+            return f"unknown: the replay raised {self.module}"
+        return f"{self.phase} of {self.module or '<root>'}"
+
     def __str__(self) -> str:
         on = f" on rank {self.rank}" if self.rank is not None else ""
         if self.phase == "replay failed":
-            return f"step {self.step}{on}: the replay of the skipped step raised {self.module}"
-        if self.phase == "loss":
-            return (f"step {self.step}{on}: the loss went non-finite with every module output finite "
-                    f"(NaN={self.nan}, +Inf={self.pos_inf}, -Inf={self.neg_inf})")
-        where = self.module or "<root>"
-        return (f"step {self.step}{on}: {self.phase} of {where} went non-finite "
+            return f"step {self.step}{on}: {self.where()}"
+        return (f"step {self.step}{on}: {self.where()} went non-finite "
                 f"(NaN={self.nan}, +Inf={self.pos_inf}, -Inf={self.neg_inf})")
 
 
@@ -103,8 +111,7 @@ class Watch:
         self._last_outputs: list[torch.Tensor] = []
         self._names = {id(module): name for name, module in model.named_modules()}
         self._model = model  # keeps the ids above from being reused while watched
-        self._handles = [torch.nn.modules.module.register_module_forward_hook(self._forward_hook),
-                         torch.nn.modules.module.register_module_forward_pre_hook(self._forward_pre_hook)]
+        self._handles = [forward_hook(self._forward_hook), forward_pre_hook(self._forward_pre_hook)]
         self._one_shot: dict[int, object] = {}  # module id -> handle of its pending last-hook
 
     def _record(self, name: str, phase: str, tensors: list[torch.Tensor]) -> None:

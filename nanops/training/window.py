@@ -83,13 +83,20 @@ class MicroBatchWindow:
         self._index += 1
         return out.to(items.dtype)
 
+    def settle_step(self, found_inf: torch.Tensor | bool) -> None:
+        """At an optimizer step whose window checked no micro-batch (the loop gives no loss per
+        micro-batch): the BatchNorm updates since the last step kept, or undone where the step
+        was skipped (`found_inf` a one-element device tensor: no sync; or a bool)."""
+        if isinstance(found_inf, torch.Tensor):
+            self._snapshot.settle(found_inf)
+        elif found_inf:
+            self._snapshot.restore()
+        else:
+            self._snapshot.take()
+
     def resnapshot(self) -> None:
         """Takes the current BatchNorm statistics as the state to restore (after a rollback)."""
         self._snapshot.take()
-
-    def adopt(self, snapshot: NormBufferSnapshot) -> None:
-        """Uses `snapshot` (already holding the state before the window) as this window's."""
-        self._snapshot = snapshot
 
     def new_epoch(self) -> None:
         self._mean = self._shown = self._count = self._seen_bad = None

@@ -35,53 +35,46 @@ from pathlib import Path
 
 import torch
 
-from .. import _distributed, patching
+from .. import patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
-from ..training.checkpoints import checkpoint_loading
-from ..training.divergence import DivergenceWatch, Diverged, events_of_every_rank, likely_cause, message
-from ..training.locate import RngState, _cuda_devices, locate_forward
-from ..training.scaler import GradScaler
-from ..training.skips import SkippedStep, SkipReport, agree_on_where, describe, replay_where
+from ..training import GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 # A YOLOv8n with a C3TR block (yolov5's TransformerLayer): YOLO(nanops.ultralytics.YOLOV8N_C3TR).
 YOLOV8N_C3TR = str(Path(__file__).parent / "cfg" / "yolov8n-c3tr.yaml")
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
 class Protection:
-    """The nanops state of one ultralytics YOLO object's trainings."""
+    """The nanops state of one ultralytics YOLO object's trainings: ultralytics' callbacks and its
+    trainer's optimizer_step, translated into nanops.training.Session's events."""
 
     def __init__(self, on_divergence: str = "warn") -> None:
         from ultralytics.utils import LOGGER
 
         if on_divergence not in ("warn", "stop"):
             raise ValueError(f"protect: on_divergence must be 'warn' or 'stop', got {on_divergence!r}")
-        self.on_divergence = on_divergence
-        self.divergence = DivergenceWatch()
-        self.divergences: list[str] = []
-        self.promoted: list[str] = []
-
         self.report = SkipReport(LOGGER)
+        self.session = Session(on_divergence=on_divergence, report=self.report, warn=LOGGER.warning,
+                               what="protect")
         self.scaler: GradScaler | None = None
         self._trainer = None
-        self._last_input: dict | torch.Tensor | None = None  # what the latest training forward got
-        self._rng: RngState | None = None
-        self._rng_devices: list[int] | None = None  # found at a training's first batch
         self._hook = None
         self._loading: contextlib.ExitStack | None = None  # the checkpoint policy, while a training runs
         self._handled_skips = 0                 # skipped steps already reported (on every rank)
         self._skipped_epochs: set[int] = set()  # epochs with a skipped step (on every rank)
 
+    # What the caller reads.
+    promoted = property(lambda self: self.session.promoted)
+    divergences = property(lambda self: self.session.divergences)
+    skips = property(lambda self: self.session.skips)
+
     def __getstate__(self) -> dict:
         # Pickled with the trainer for a multi-GPU launch: the policy in force here is this
-        # process's (a worker enters its own when its trainer is rebuilt).
+        # process's (a worker enters its own when its trainer is rebuilt); a hook handle stays.
         state = dict(self.__dict__)
         state["_loading"] = None
+        state["_hook"] = None
         return state
 
     # --- ultralytics callbacks --------------------------------------------------------------
@@ -94,81 +87,66 @@ class Protection:
             self._loading.enter_context(checkpoint_loading())
 
     def on_pretrain_routine_end(self, trainer) -> None:
-        model = _unwrap(trainer.model)
-        patching.patch(model)
+        session = self.session
+        session.begin_run()  # this training's skips (a YOLO object may train again)
+        session.attach(trainer.model, amp=trainer.scaler.is_enabled() or self._bf16(trainer))
+        patching.patch(session.module)
         if trainer.ema is not None:
             patching.patch(trainer.ema.ema)
         old = trainer.scaler
         scaler = GradScaler("cuda", enabled=old.is_enabled())
         if old.is_enabled():
             scaler.load_state_dict(old.state_dict())  # a resumed run's scale carries over
-        scaler.protect(model)
-        self.report = SkipReport(self.report.logger)  # this training's skips (a YOLO object may train again)
-        self.divergence = DivergenceWatch()
         self._handled_skips, self._skipped_epochs = 0, set()
         trainer.scaler = self.scaler = scaler
         trainer.optimizer_step = lambda: self._optimizer_step(trainer)  # this trainer object only
         trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
         self._trainer = trainer
-        self._rng_devices = None
-        self._hook = torch.nn.modules.module.register_module_forward_pre_hook(self._remember_input)
+        self._hook = session.remember_inputs()  # the batch dict, for a replay
+
+    @staticmethod
+    def _bf16(trainer) -> bool:
+        return getattr(trainer.args, "amp", None) == "bf16"
 
     def on_train_batch_start(self, trainer) -> None:
-        # The RNG state the batch's forward starts from (a host copy, no sync), for a replay.
-        if self._rng_devices is None:
-            self._rng_devices = _cuda_devices(_unwrap(trainer.model))
-        self._rng = RngState.capture(self._rng_devices)
+        self.session.begin_batch()
 
     def on_train_batch_end(self, trainer) -> None:
         if self.scaler.skipped_steps == self._handled_skips:
             return  # no step skipped since the last report (the same on every rank: DDP's grads agree)
         self._handled_skips = self.scaler.skipped_steps
         self._skipped_epochs.add(int(trainer.epoch))
-        where, overflow = self._where(trainer)
-        where = agree_on_where(_unwrap(trainer.model), where, overflow, self.promoted)
-        if _distributed.rank() == 0:
-            self.report.add(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, where), trainer.save_dir)
+        finding, overflow, replayed = self._locate(trainer)
+        finding, promoted = self.session.agree(finding, overflow)
+        self.session.record(SkippedStep(int(trainer.epoch), self.scaler.total_steps - 1, finding,
+                                        replayed=replayed, promoted=promoted), trainer.save_dir)
 
-    def _where(self, trainer) -> tuple[str, str | None]:
+    def _locate(self, trainer):
         """Replays the skipped step: forward and loss as the trainer ran them (the model computes
         its loss from the batch dict), then the backward at the step's loss scale."""
-        model, batch = _unwrap(trainer.model), self._last_input
+        session, batch = self.session, self.session.last_input
         if batch is None:
-            return "unknown", None
-        bf16 = getattr(trainer.args, "amp", None) == "bf16"
-        amp = self.scaler.is_enabled() or bf16
+            return None, None, False
+        model = session.module
+        bf16 = self._bf16(trainer)
         device = next(model.parameters()).device
-
-        def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else None, enabled=amp)
-
         if not isinstance(batch, dict):  # compiled runs feed the images alone: forward only
-            return describe(locate_forward(model, batch, autocast=amp)), None
+            return locate_forward(model, batch, autocast=session.amp), None, True
 
         def loss():
-            with autocast():
+            with torch.autocast(device.type, dtype=torch.bfloat16 if bf16 else None, enabled=session.amp):
                 return model(batch)[0]
 
-        scale = self.scaler.scale_of_last_skip if self.scaler.is_enabled() else None
-        return replay_where(model, loss, loss_scale=scale, rng_state=self._rng, amp=amp)
+        finding, overflow = session.locate(loss, loss_scale=self.scaler.scale_of_last_skip
+                                           if self.scaler.is_enabled() else None)
+        return finding, overflow, True
 
     def on_train_epoch_end(self, trainer) -> None:
-        amp = self.scaler is not None and self.scaler.is_enabled()
-        finding = self.report.steps[-1].first_nonfinite if self.report.steps else None
-        for event in events_of_every_rank(self.divergence.read()):
-            text = message(event, likely_cause(event, amp, None, finding), f"(epoch {int(trainer.epoch)})", finding)
-            self.divergences.append(text)
-            if self.on_divergence == "stop":
-                if _distributed.rank() == 0:
-                    self.report.logger.error(text)
-                raise Diverged(text)
-            if _distributed.rank() == 0:
-                self.report.logger.warning(text)
+        self.session.check(f"(epoch {int(trainer.epoch)})")
 
     def on_train_end(self, trainer) -> None:
-        note = f"Run in float32 after a float16 overflow: {', '.join(self.promoted)}." if self.promoted else ""
-        if _distributed.rank() == 0:
-            self.report.finish(trainer.save_dir, self.scaler.total_steps if self.scaler is not None else 0, note=note)
+        total = self.scaler.total_steps if self.scaler is not None else 0
+        self.session.finish(trainer.save_dir, total)
         self._release()
 
     def teardown(self, trainer) -> None:
@@ -183,54 +161,48 @@ class Protection:
     # --- the guarded step ---------------------------------------------------------------------
     def _optimizer_step(self, trainer) -> None:
         scaler, optimizer = trainer.scaler, trainer.optimizer
+        self.session.close_window()
         scaler.unscale_(optimizer)
         norm = clip_grad_norm_(trainer.model.parameters(), max_norm=MAX_NORM)  # leaves non-finite grads untouched
         scaler.step(optimizer)
+        skipped = scaler.last_step_skipped
         loss = getattr(trainer, "loss", None)
-        self.divergence.record(torch.tensor([float(scaler.last_step_skipped)]),
-                               loss if isinstance(loss, torch.Tensor) else None, norm,
-                               scaler._scale if scaler.is_enabled() else None)
+        self.session.stepped(torch.tensor([float(skipped)]), skipped=skipped,
+                             loss=loss if isinstance(loss, torch.Tensor) else None, norm=norm,
+                             scale=scaler.scale_tensor, place=f"(epoch {int(trainer.epoch)})")
         scaler.update()
         optimizer.zero_grad()
-        if trainer.ema and not scaler.last_step_skipped:
+        if trainer.ema and not skipped:
             trainer.ema.update(trainer.model)
 
     def _nan_recovery(self, trainer, original):
         """Ultralytics reloads last.pt when the epoch's last loss is NaN: not needed when that NaN
         came from a batch whose step nanops skipped and the model and its EMA are finite."""
         def handle(epoch):
-            states = [_unwrap(trainer.model).state_dict(), trainer.ema.ema.state_dict() if trainer.ema else {}]
+            states = [self.session.module.state_dict(), trainer.ema.ema.state_dict() if trainer.ema else {}]
             tensors = [t for state in states for t in state.values() if t.is_floating_point()]
             explained = epoch in self._skipped_epochs and bool(all_finite(tensors))
             # Under DDP ultralytics broadcasts rank 0's decision inside `original`: every rank
             # must call it, or none.
-            if all(_distributed.gather_to_all(explained)):
+            if all(self.session.on_every_rank(explained)):
                 return False
             return original(epoch)
         return handle
-
-    def _remember_input(self, module, args) -> None:
-        # The trained model's forward gets the batch dict (or the image tensor); keep a reference
-        # to the latest training forward's for a replay, no copy.
-        if self._trainer is None or module is not _unwrap(self._trainer.model) or not module.training:
-            return
-        x = args[0] if args else None
-        if isinstance(x, (dict, torch.Tensor)):
-            self._last_input = x
 
     def _release(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
         self._trainer = None
-        self._last_input = None
+        self.session.last_input = None
 
 
 def protect(model, on_divergence: str = "warn") -> Protection:
     """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
-    returns the Protection, whose `report.steps` lists the skipped steps of the latest training,
-    `promoted` the modules run in float32 after a float16 overflow and `divergences` the
-    messages of a lost run (on_divergence="stop" raises nanops.Diverged at the epoch's end)."""
+    returns the Protection, whose `skips` lists the skipped steps of the latest training
+    (SkippedStep), `promoted` the modules run in float32 after a float16 overflow and
+    `divergences` the messages of a lost run (on_divergence="stop" raises nanops.Diverged at
+    the epoch's end)."""
     protection = Protection(on_divergence)
     for event in ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_batch_start",
                   "on_train_batch_end", "on_train_epoch_end", "on_train_end", "teardown"):

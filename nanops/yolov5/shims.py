@@ -1,16 +1,13 @@
-"""Quiet, offline import of the `yolov5` package (our compatibility reference)."""
+"""What yolov5 7.0.14 needs from its environment: offline, quiet imports, and the APIs newer
+releases of its dependencies removed, given back under their old names."""
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import os
 import warnings
 from pathlib import Path
 
-# Checkpoint loading lives in nanops.training.checkpoints (no code from the file runs); its names
-# stay importable from here for the wing's callers.
-from ..training.checkpoints import TRUST_CHECKPOINTS, UntrustedCheckpoint, checkpoint_loading  # noqa: F401
 
 
 def prepare_environment() -> None:
@@ -88,28 +85,3 @@ def quiet_yolov5_import(module: str):
 def import_yolov5_common():
     """yolov5.models.common, imported without its banner noise."""
     return quiet_yolov5_import("yolov5.models.common")
-
-
-def transformer_yaml() -> Path:
-    """Path of models/hub/yolov5s-transformer.yaml inside the installed yolov5 package."""
-    spec = importlib.util.find_spec("yolov5")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("the `yolov5` package is not installed: pip install yolov5==7.0.14")
-    return Path(next(iter(spec.submodule_search_locations))) / "models" / "hub" / "yolov5s-transformer.yaml"
-
-
-def build_transformer_model(num_classes: int = 80):
-    """A randomly initialised yolov5s-transformer `Model` from the yolov5 package (no downloads)."""
-    prepare_environment()
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        from yolov5.models.yolo import Model
-        from yolov5.utils.general import LOGGER
-
-        level = LOGGER.level
-        LOGGER.setLevel("ERROR")
-        try:
-            model = Model(str(transformer_yaml()), ch=3, nc=num_classes)
-        finally:
-            LOGGER.setLevel(level)
-    return model

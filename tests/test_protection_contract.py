@@ -1,0 +1,217 @@
+"""One contract for every wing of the protection engine (nanops.training.Session): Guard in a
+hand-written loop, yolov5's own train.py under nanops, ultralytics' trainer under protect(). A new
+trainer adapter adds its runner to RUNNERS and must pass the same tests.
+
+  * one corrupt batch: one skip recorded (SkippedStep naming the first non-finite module), the
+    BatchNorm statistics and the EMA at the next batch exactly as before the corrupt one, one CSV
+    row, the run finishing with finite weights;
+  * a run whose every batch is corrupt from the second on: the divergence policy ("stop") fires.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+import nanops
+from nanops.training import SKIPPED_CSV, DivergenceLimits, Diverged
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::FutureWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true"),
+]
+
+
+def _norm_buffers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers() if "running_" in n}
+
+
+def _floats(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+
+@dataclass
+class Probe:
+    """Counts a model type's training forwards (a replay's, fed the corrupt batch again, not
+    counted), keeps the BatchNorm statistics and the EMA as each forward starts, and writes an
+    Inf pixel into the batches `corrupt(i)` picks."""
+
+    model_type: type
+    corrupt: callable
+    ema: callable = lambda: None
+    seen: int = 0
+    norms: dict = field(default_factory=dict)
+    emas: dict = field(default_factory=dict)
+
+    def __call__(self, module, args):
+        if not (isinstance(module, self.model_type) and module.training and torch.is_grad_enabled() and args):
+            return
+        images = args[0]["img"] if isinstance(args[0], dict) else args[0]
+        if not torch.isfinite(images).all():
+            return  # the replay of a corrupt batch
+        ema = self.ema()
+        self.norms[self.seen] = _norm_buffers(module)
+        self.emas[self.seen] = _floats(ema) if ema is not None else {}
+        if self.corrupt(self.seen):
+            images[0, 1, images.shape[2] // 2, images.shape[3] // 2] = math.inf
+        self.seen += 1
+
+    def installed(self):
+        return _Hook(self)
+
+
+class _Hook:
+    def __init__(self, probe):
+        self.probe = probe
+
+    def __enter__(self):
+        self.handle = torch.nn.modules.module.register_module_forward_pre_hook(self.probe)
+        return self.probe
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@dataclass
+class Outcome:
+    skips: list
+    csv_rows: list
+    probe: Probe
+    finite: bool
+
+
+def _rows(save_dir: Path) -> list[dict]:
+    path = Path(save_dir) / SKIPPED_CSV
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# --- the runners: one per wing -------------------------------------------------------------------
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.head = torch.nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def run_guard(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
+    torch.manual_seed(0)
+    model = _Net()
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
+                                              use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    guard = nanops.Guard(model, optimizer, on_divergence=on_divergence, check_every=2, save_dir=tmp_path)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 2, (4,))) for _ in range(6)]
+    probe = Probe(_Net, corrupt, lambda: ema.module)
+    with probe.installed():
+        for epoch in range(2):
+            for x, y in data:
+                x = x.clone()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                result = guard.step(locate=lambda: torch.nn.functional.cross_entropy(model(x), y), loss=loss.detach())
+                if not result.skipped:
+                    ema.update_parameters(model)
+            guard.epoch_end()
+    guard.finish()
+    return Outcome(guard.skips, _rows(tmp_path), probe, all(bool(torch.isfinite(t).all())
+                                                           for t in _floats(model).values()))
+
+
+def _yolov5_data(tmp_path: Path) -> Path:
+    from nanops.tools.synthetic import write_yolo_dataset
+
+    return write_yolo_dataset(tmp_path / "data", num_train=8, num_val=4, size=64)
+
+
+def run_yolov5(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
+    pytest.importorskip("yolov5")
+    from yolov5.models.yolo import BaseModel
+    from yolov5.utils.torch_utils import ModelEMA
+
+    from nanops.yolov5 import run, transformer_yaml
+
+    emas = []
+    original_init = ModelEMA.__init__
+
+    def remember(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        emas.append(self)
+
+    probe = Probe(BaseModel, corrupt, lambda: emas[-1].ema if emas else None)
+    ModelEMA.__init__ = remember
+    try:
+        with probe.installed():
+            opt = run(data=str(_yolov5_data(tmp_path)), cfg=str(transformer_yaml()), weights="", epochs=2, batch_size=4,
+                      imgsz=64, workers=0, device="cpu", project=str(tmp_path / "runs"), name="contract",
+                      exist_ok=True, noplots=True, nanops_on_divergence=on_divergence)
+    finally:
+        ModelEMA.__init__ = original_init
+    last = torch.load(Path(opt.save_dir) / "weights" / "last.pt", map_location="cpu", weights_only=False)
+    finite = all(bool(torch.isfinite(t).all()) for t in _floats(last["ema"] or last["model"]).values())
+    return Outcome(opt.nanops_skipped, _rows(opt.save_dir), probe, finite)
+
+
+def run_ultralytics(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
+    pytest.importorskip("ultralytics")
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import BaseModel
+
+    import nanops.ultralytics
+
+    model = YOLO(nanops.ultralytics.YOLOV8N_C3TR)
+    protection = nanops.ultralytics.protect(model, on_divergence=on_divergence)
+    probe = Probe(BaseModel, corrupt, lambda: model.trainer.ema.ema if getattr(model, "trainer", None) else None)
+    with probe.installed():
+        # nbs=batch: one optimizer step per batch (ultralytics otherwise accumulates to 64 images)
+        model.train(data=str(_yolov5_data(tmp_path)), epochs=2, imgsz=64, batch=4, nbs=4, workers=0, device="cpu",
+                    plots=False, amp=False, project=str(tmp_path / "runs"), name="contract", exist_ok=True,
+                    verbose=False)
+    trainer = model.trainer
+    finite = all(bool(torch.isfinite(t).all()) for t in _floats(trainer.model).values())
+    return Outcome(protection.skips, _rows(trainer.save_dir), probe, finite)
+
+
+RUNNERS = {"guard": run_guard, "yolov5": run_yolov5, "ultralytics": run_ultralytics}
+SLOW = {"yolov5", "ultralytics"}
+
+
+def _wings():
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in RUNNERS]
+
+
+# --- the contract --------------------------------------------------------------------------------
+@pytest.mark.parametrize("wing", _wings())
+def test_one_corrupt_batch_is_one_skip_that_leaves_nothing_behind(wing, tmp_path):
+    out = RUNNERS[wing](tmp_path, lambda i: i == 1)
+    assert len(out.skips) == 1, [str(s) for s in out.skips]
+    skip = out.skips[0]
+    assert skip.finding is not None and skip.first_nonfinite.startswith("forward of "), skip
+    # The state the batch after the corrupt one starts from is the state before it.
+    for name, before in out.probe.norms[1].items():
+        torch.testing.assert_close(out.probe.norms[2][name], before, rtol=0, atol=0, msg=f"BatchNorm {name}")
+    for name, before in out.probe.emas[1].items():
+        torch.testing.assert_close(out.probe.emas[2][name], before, rtol=0, atol=0, msg=f"EMA {name}")
+    assert len(out.csv_rows) == 1 and out.csv_rows[0]["first_nonfinite"] == skip.first_nonfinite
+    assert out.finite
+
+
+@pytest.mark.parametrize("wing", _wings())
+def test_a_run_that_cannot_take_a_step_any_more_fires_the_divergence_policy(wing, tmp_path, monkeypatch):
+    # Two consecutive skipped steps are a run lost (10 by default: these runs are short).
+    monkeypatch.setattr("nanops.training.divergence.DivergenceLimits",
+                        functools.partial(DivergenceLimits, consecutive_skips=2))
+    with pytest.raises(Diverged, match="consecutive skipped steps"):
+        RUNNERS[wing](tmp_path, lambda i: i >= 1, on_divergence="stop")
