@@ -24,7 +24,7 @@ import torch
 from . import _distributed
 from .grad_norms import (_check_max_norm, _check_norm_type, _clip_coef_on_device, _clip_sharded, _clip_with_sparse,
                          _group_grads, _on, _raise_if_nonfinite, _sharded_norm_and_coef, _total_norm_and_coef,
-                         _total_norm_and_coef_with_sparse)
+                         _total_norm_and_coef_with_sparse, is_special)
 from .ops import _tensor_list
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
@@ -102,7 +102,7 @@ def clip_grad_norm_(
         if fused is not None:
             _raise_if_nonfinite(fused[0], p, error_if_nonfinite)  # grads untouched when non-finite
             return fused[0]
-    if any(g.layout != torch.strided for g in grads):
+    if any(is_special(g) for g in grads):
         return _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group)
     groups, total_norm, coef = _total_norm_and_coef(
         grads, norm_type, max_norm, error_if_nonfinite,
@@ -165,7 +165,7 @@ def get_total_norm(
     if fused is not None:
         _raise_if_nonfinite(fused[0], p, error_if_nonfinite)
         return fused[0]
-    if any(t.layout != torch.strided for t in tensor_list):
+    if any(is_special(t) for t in tensor_list):
         total_norm, _ = _total_norm_and_coef_with_sparse(tensor_list, norm_type, math.inf, error_if_nonfinite)
     else:
         _, total_norm, _ = _total_norm_and_coef(tensor_list, norm_type, math.inf, error_if_nonfinite)

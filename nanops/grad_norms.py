@@ -209,13 +209,18 @@ def _zero_norm_sharded(shards, count, max_norm, inv_scale, found_inf, group):
     return total.to(dtype), _clip_coef_on_device(total, nonfinite.reshape(()) > 0, max_norm, inv_scale, found_inf)
 
 
+def is_special(g: torch.Tensor) -> bool:
+    """A grad the fused kernels do not read: sparse (nn.Embedding(sparse=True)) or complex."""
+    return g.layout != torch.strided or g.is_complex()
+
+
 def _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale, found_inf, process_group):
-    """clip_grad_norm_ over a list holding sparse grads (e.g. nn.Embedding(sparse=True))."""
+    """clip_grad_norm_ over a list holding sparse or complex grads."""
     total_norm, coef = _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale,
                                                         found_inf, process_group)
-    dense = [g for g in grads if g.layout == torch.strided]
+    dense = [g for g in grads if not is_special(g)]
     for g in grads:
-        if g.layout != torch.strided:
+        if is_special(g):
             g.mul_(coef.to(g.dtype))
     for dev, gs in _group_grads(dense)[0].items() if dense else ():
         torch.ops.nanops.scale_tensors_.default(gs, _on(coef, dev))
@@ -224,24 +229,26 @@ def _clip_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale,
 
 def _total_norm_and_coef_with_sparse(grads, norm_type, max_norm, error_if_nonfinite, inv_scale=None,
                                      found_inf=None, process_group=None):
-    """The dense grads through the fused kernels, each sparse grad's norm by torch over its
-    coalesced values, combined in float64 on the device; same semantics as the dense path
-    (a non-finite norm gives coef 1 and sets found_inf)."""
+    """The dense real grads through the fused kernels, each sparse grad's norm by torch over its
+    coalesced values and each complex grad's by torch (|z|, as torch's clip), combined in float64
+    on the device; same semantics as the dense path (a non-finite norm gives coef 1 and sets
+    found_inf)."""
     if process_group is not None:
-        raise ValueError("clip_grad_norm_: sparse gradients cannot be combined over a process_group")
+        raise ValueError("clip_grad_norm_: sparse or complex gradients cannot be combined over a process_group")
     p = _check_norm_type(norm_type)
     max_norm = _check_max_norm(max_norm)
-    dense = [g for g in grads if g.layout == torch.strided]
-    sparse = [g.coalesce() if g.layout == torch.sparse_coo else g for g in grads if g.layout != torch.strided]
+    dense = [g for g in grads if not is_special(g)]
+    sparse = [g.coalesce() if g.layout == torch.sparse_coo else g for g in grads if is_special(g)]
     home = grads[0].device
     _check_state_tensor(inv_scale, "inv_scale", home)
     _check_state_tensor(found_inf, "found_inf", home)
     scale = inv_scale.double().reshape(()) if inv_scale is not None else None
-    values = [g.values().double() * (scale if scale is not None else 1.0) for g in sparse]
+    values = [(g if g.layout == torch.strided else g.values()).to(torch.complex128 if g.is_complex() else torch.float64)
+              * (scale if scale is not None else 1.0) for g in sparse]
     norms = [torch.linalg.vector_norm(v, p).to(home) for v in values]
     if p == 0:  # torch's count of tensors holding a non-zero, as the dense part reports it
         norms = [(n > 0).double() for n in norms]
-    nonfinite = torch.stack([~all_finite(v).to(home) for v in values]).any()
+    nonfinite = torch.stack([~torch.isfinite(v).all().to(home) for v in values]).any()
     if dense:
         _, dense_norm, _ = _total_norm_and_coef(dense, p, math.inf, False, inv_scale=inv_scale)
         norms.append(dense_norm.double().to(home))

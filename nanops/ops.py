@@ -321,6 +321,8 @@ def norm_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
     dtype = next(it)
     for d in it:
         dtype = torch.promote_types(dtype, d)
+    if dtype.is_complex:  # a complex grad's norm is real, as torch's
+        dtype = dtype.to_real()
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 

@@ -146,6 +146,8 @@ def test_rollback_policy_restores_the_last_good_state_and_lowers_the_lr():
     x, y = data()
     model = make()
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    in_step = {}  # the lr the step ran with (this hook runs before nanops' restores the schedule's)
+    opt.register_step_post_hook(lambda o, a, k: in_step.update(lr=o.param_groups[0]["lr"]))
     guard = nanops.Guard(model, opt, on_divergence="rollback", check_every=5,
                          limits=DivergenceLimits(consecutive_skips=3, settle_steps=1))
     for step in range(15):
@@ -158,7 +160,12 @@ def test_rollback_policy_restores_the_last_good_state_and_lowers_the_lr():
             guard.step(loss=loss)
         if any("Rolled back" in str(w.message) for w in caught):
             break
-    assert opt.param_groups[0]["lr"] == pytest.approx(0.001)
+    assert guard.session.lr_factor.factor == pytest.approx(0.1)
+    loss = (model(x) - y).square().mean()
+    loss.backward()
+    guard.step(loss=loss)
+    # The step ran at a tenth of the lr; the schedule's own value is left as it was.
+    assert in_step["lr"] == pytest.approx(0.001) and opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_guard_validates_its_policy_arguments():

@@ -298,7 +298,9 @@ def check_hyp(hyp: dict, optimizer: str = "SGD") -> list[str]:
 
 def load_hyp(path: Path) -> dict:
     try:
-        hyp = yaml.safe_load(path.read_text())
+        hyp = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise DoctorError(f"{path}: cannot read the hyp file: not UTF-8 text ({err.reason} at byte {err.start})") from err
     except (OSError, yaml.YAMLError) as err:
         raise DoctorError(f"{path}: cannot read the hyp file: {err}") from err
     if not isinstance(hyp, dict):

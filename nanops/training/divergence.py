@@ -5,8 +5,10 @@ handful of tiny ops); `read()` copies them to the host once, every N steps or on
 names what happened since the last read:
   * "skips": K consecutive skipped steps (a run that cannot take a step any more);
   * "scale": the AMP loss scale fell below a floor (fp16 grads underflow below it);
-  * "loss" / "norm": the loss or the grad norm grew to `growth` times the best seen after the
-    first `settle_steps` healthy steps (weights running away: lr far too high);
+  * "loss" / "norm": the loss or the grad norm, smoothed over the healthy steps (an exponential
+    average, ~10 steps), grew to `growth` times its lowest smoothed value after the first
+    `settle_steps` healthy steps (weights running away: lr far too high). Smoothed, so that a
+    noisy, converging run's lucky batch is never the yardstick of its ordinary ones;
   * "validation": validation went non-finite while the training steps stayed finite (checked on
     the host, once an epoch, by `validation()`).
 Each kind is reported once, the skip run once per run. What to do about it is the caller's policy
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +26,7 @@ import torch
 from .. import _distributed
 
 POLICIES = ("warn", "stop", "rollback")
+SMOOTHING = 0.1  # weight of a new healthy step in the smoothed loss and norm
 
 
 class Diverged(RuntimeError):
@@ -97,10 +101,11 @@ class DivergenceWatch:
         for best, last, value in ((4, 5, loss), (6, 7, total_norm)):
             if value is None:
                 continue
-            v = value.detach().reshape(-1).float().mean().to(s.device, torch.float64)
+            v = torch.as_tensor(value).detach().reshape(-1).float().mean().to(s.device, torch.float64)
             ok = healthy & torch.isfinite(v)
-            s[last] = torch.where(ok, v, s[last])
-            s[best] = torch.where(ok & settled, torch.minimum(s[best], v), s[best])
+            smoothed = torch.where(torch.isfinite(s[last]), s[last] + SMOOTHING * (v - s[last]), v)
+            s[last] = torch.where(ok, smoothed, s[last])
+            s[best] = torch.where(ok & settled, torch.minimum(s[best], s[last]), s[best])
         s[0] = steps + 1
 
     def read(self) -> list[DivergenceEvent]:
@@ -127,7 +132,7 @@ class DivergenceWatch:
             if (kind not in self._fired and math.isfinite(best) and best > 0 and math.isfinite(last)
                     and last >= lim.growth * best):
                 self._fired.add(kind)
-                what = "training loss" if kind == "loss" else "gradient norm (before clipping)"
+                what = "training loss (smoothed)" if kind == "loss" else "gradient norm (before clipping, smoothed)"
                 new.append(DivergenceEvent(kind, int(steps), f"the {what} grew to {last:.3g}, {last / best:.3g}x its "
                                            f"best of {best:.3g}", list(self._scales)))
         self.events += new
@@ -138,7 +143,7 @@ class DivergenceWatch:
         if val_finite or not train_finite or "validation" in self._fired:
             return None
         self._fired.add("validation")
-        event = DivergenceEvent("validation", step, "validation went non-finite while every training step stayed "
+        event = DivergenceEvent("validation", step, "validation went non-finite while the training loss stayed "
                                 "finite: the weights have grown so large that eval-mode outputs overflow",
                                 list(self._scales))
         self.events.append(event)
@@ -169,31 +174,66 @@ def message(event: DivergenceEvent, cause: str, where: str = "", finding: str | 
 
 
 class RollbackState:
-    """The last good model, EMA and optimizer state, kept in memory for the "rollback" policy (a
-    copy every `every` steps that were healthy when taken), and the lr lowering."""
+    """The last healthy model, EMA, optimizer and scaler state, kept in memory for the "rollback"
+    policy: the first healthy step's, then one every `every` healthy steps (the last two kept).
+    A step is taken as healthy when it was not skipped and its weights are finite."""
 
     def __init__(self, every: int = 50) -> None:
         self.every = every
         self._saved: list[tuple[int, dict]] = []  # (step, state); the last two
 
-    def maybe_take(self, step: int, objects: dict[str, object]) -> None:
-        if step % self.every:
+    def maybe_take(self, step: int, objects: dict[str, object], healthy: Callable[[], bool]) -> None:
+        """After optimizer step `step` (counted from 1): a copy when one is due (the first, then
+        every `every` steps) and `healthy()` says so (it may sync: called only when due)."""
+        if self._saved and step % self.every:
+            return
+        if not healthy():
             return
         state = {name: copy.deepcopy(obj.state_dict()) for name, obj in objects.items() if obj is not None}
         self._saved = (self._saved + [(step, state)])[-2:]
 
-    def restore(self, before_step: int, objects: dict[str, object], lr_factor: float = 0.1) -> int | None:
-        """Loads the newest state taken before `before_step`; returns its step (None if none)."""
-        for step, state in reversed(self._saved):
-            if step < before_step:
+    def restore(self, before_step: int, objects: dict[str, object], oldest: bool = False) -> int | None:
+        """Loads the newest state taken at or before `before_step` (oldest: the oldest one kept,
+        for a growth that may have begun before the newest copy); returns its step (None if none)."""
+        for step, state in (self._saved if oldest else reversed(self._saved)):
+            if step <= before_step:
                 for name, obj in objects.items():
                     if obj is not None and name in state:
                         obj.load_state_dict(state[name])
-                for obj in objects.values():
-                    if isinstance(obj, torch.optim.Optimizer):
-                        for group in obj.param_groups:
-                            group["lr"] *= lr_factor
-                            if "initial_lr" in group:
-                                group["initial_lr"] *= lr_factor
                 return step
         return None
+
+
+class LrFactor:
+    """A factor on every learning rate of an optimizer, applied at each of its steps on top of
+    whatever its scheduler set (and undone right after, so the schedule itself runs on
+    untouched): a lowering that no scheduler recomputes away, be it torch's, yolov5's LambdaLR
+    and warmup, or ultralytics' own. Step hooks on the optimizer, not saved with its state."""
+
+    def __init__(self) -> None:
+        self.factor = 1.0
+        self._hooked: dict[int, tuple] = {}
+        self._held: list = []
+
+    def lower(self, optimizer: torch.optim.Optimizer, by: float) -> None:
+        self.factor *= by
+        if id(optimizer) not in self._hooked:
+            self._hooked[id(optimizer)] = (optimizer.register_step_pre_hook(self._pre),
+                                           optimizer.register_step_post_hook(self._post))
+
+    def _pre(self, optimizer, args, kwargs) -> None:
+        self._held = [group["lr"] for group in optimizer.param_groups]
+        for group in optimizer.param_groups:
+            group["lr"] = group["lr"] * self.factor
+
+    def _post(self, optimizer, args, kwargs) -> None:
+        for group, lr in zip(optimizer.param_groups, self._held):
+            group["lr"] = lr
+        self._held = []
+
+    def remove(self) -> None:
+        for pre, post in self._hooked.values():
+            pre.remove()
+            post.remove()
+        self._hooked.clear()
+        self.factor = 1.0

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -260,12 +261,18 @@ class Guard:
         self.session = Session(on_divergence=on_divergence, limits=limits, rollback_every=check_every,
                                promote_overflow=promote_overflow, report=report, log_everywhere=True)
         self.session.attach(model, amp=scaler is not None and scaler.is_enabled())
-        self.session.state_objects = lambda: {"model": self.model, "optimizer": self.optimizer}
+        self.session.state_objects = lambda: {"model": self.model, "optimizer": self.optimizer,
+                                              "scaler": self.scaler if self.session.amp else None}
         self.check_every = check_every
         self.epoch = 0
         self._skipped: torch.Tensor | None = None  # running count on the device: no sync to keep it
         self.findings: list[tuple[int, Finding | None]] = []  # (step index, finding) of replayed skips
         self.process_group = process_group
+        # The first trained parameter's grad as the window's micro-batches left it: a different
+        # tensor at the next micro-batch means the grads were dropped in between (zero_grad at an
+        # epoch's end cut the window short), and the cut window's flag goes with them.
+        self._probe = next((p for p in (self._params or model.parameters()) if p.requires_grad), None)
+        self._window_grad: weakref.ref | None = None
         self.begin()
 
     # The session's state, under the names Guard has always had.
@@ -291,6 +298,10 @@ class Guard:
         step is skipped. Returns the micro-batch's flag, a 0-dim bool tensor (reading it syncs).
         Use it for every micro-batch or for none; the first call's snapshot is the state at the
         Guard's construction or its last step."""
+        grad = self._probe.grad if self._probe is not None else None
+        if self._window_grad is not None and grad is not self._window_grad():
+            self.session.close_window()  # the grads it flagged were dropped: so is its flag
+        self._window_grad = weakref.ref(grad) if grad is not None else None
         flag = self.session.micro_batch(loss)
         self.session.settle()
         return flag
@@ -314,8 +325,11 @@ class Guard:
         handled by `on_divergence`: "warn" (warnings.warn), "stop" (raises nanops.Diverged) or
         "rollback" (model and optimizer back to the last good state, lr divided by 10).
         """
+        if loss is not None and not isinstance(loss, (torch.Tensor, int, float)):
+            raise TypeError(f"Guard.step: loss must be a tensor or a number, got {type(loss).__name__}")
         session = self.session
         window_flag = session.close_window()
+        self._window_grad = None
         result = _step(self.optimizer, self.scaler, self.max_norm, self._params, window_flag=window_flag,
                        known=locate is not None, agree=self._must_agree(window_flag), group=self.process_group)
         self._skipped = result.found_inf.clone() if self._skipped is None else self._skipped.add_(result.found_inf)

@@ -35,8 +35,9 @@ from pathlib import Path
 import torch
 
 from .. import _distributed
-from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, RollbackState,
-                         events_of_every_rank, likely_cause, message)
+from ..ops import all_finite
+from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, LrFactor,
+                         RollbackState, events_of_every_rank, likely_cause, message)
 from .global_hooks import forward_pre_hook
 from .locate import RngState, cuda_devices, find_overflow, locate_step
 from .promote import promote_named
@@ -75,7 +76,7 @@ class Session:
         promote_overflow: bool = True,
         report: SkipReport | None = None,
         warn: Callable[[str], None] | None = None,
-        stop_note: str = "",
+        stop_note: str | Callable[[], str] = "",
         log_everywhere: bool = False,
         what: str = "Guard",
     ) -> None:
@@ -104,6 +105,9 @@ class Session:
         divergence watch and window start afresh; promotions stay."""
         self.divergence = DivergenceWatch(self.limits)
         self.rollback = RollbackState(self.rollback_every) if self.on_divergence == "rollback" else None
+        if getattr(self, "lr_factor", None) is not None:
+            self.lr_factor.remove()  # a new run: its optimizer starts at its own lr
+        self.lr_factor = LrFactor()
         self.skips: list[SkippedStep] = []
         self.window: MicroBatchWindow | None = None
         self.total_steps = 0
@@ -202,7 +206,12 @@ class Session:
             self._skip_places[self.total_steps] = place
         self.total_steps += 1
         if self.rollback is not None and skipped is not True:
-            self.rollback.maybe_take(self.total_steps, self.state_objects())
+            self.rollback.maybe_take(self.total_steps, self.state_objects(), self._healthy)
+
+    def _healthy(self) -> bool:
+        """Whether the model's weights are finite (one fused check, one sync): a state worth keeping."""
+        params = [p.detach() for p in self.module.parameters()]
+        return not params or bool(all_finite(params))
 
     def locate(self, loss_fn: LossFn, *, loss_scale: torch.Tensor | float | None = None,
                parameters: list[torch.Tensor] | None = None) -> tuple[Finding | None, str | None]:
@@ -279,6 +288,7 @@ class Session:
             self._handle([event], where)
 
     def _handle(self, events: list[DivergenceEvent], where: str) -> None:
+        rolled_back = False
         for event in events:
             last = self.last_skip
             finding = last.first_nonfinite if last is not None and last.finding is not None else None
@@ -286,19 +296,34 @@ class Session:
             text = message(event, likely_cause(event, self.amp, self.hyp_advice, finding), place, finding)
             if self.promoted:
                 text += f" Promoted to float32 so far: {', '.join(self.promoted)}."
-            self.divergences.append(text)
             if self.on_divergence == "stop":
-                raise Diverged(text + self.stop_note)
-            if self.on_divergence == "rollback" and self.rollback is not None:
-                objects = self.state_objects()
-                step = self.rollback.restore(event.step, objects)
-                if step is not None:
-                    if self.window is not None:
-                        self.window.resnapshot()
-                    names = ", ".join(name for name, obj in objects.items() if obj is not None)
-                    text += f" Rolled back to optimizer step {step}'s {names}, lr divided by 10."
+                self.divergences.append(text)
+                raise Diverged(text + (self.stop_note() if callable(self.stop_note) else self.stop_note))
+            if self.on_divergence == "rollback" and not rolled_back:
+                text += self._roll_back(event)
+                rolled_back = True
+            self.divergences.append(text)
             if self.main_rank:
                 self._warn(text)
+
+    def _roll_back(self, event: DivergenceEvent) -> str:
+        """Model, EMA, optimizer and scaler back to the newest healthy state from before the
+        event, the learning rate divided by 10 for good, every divergence rule watched afresh.
+        Returns what is said of it."""
+        objects = self.state_objects()
+        step = self.rollback.restore(event.step, objects, oldest=event.kind in ("loss", "norm", "validation"))
+        if step is None:
+            return (f" Nothing to roll back to: no healthy state was kept before step {event.step} "
+                    "(the first is taken after the first healthy step).")
+        if self.window is not None:
+            self.window.resnapshot()
+        for obj in objects.values():
+            if isinstance(obj, torch.optim.Optimizer):
+                self.lr_factor.lower(obj, 0.1)
+        self.divergence = DivergenceWatch(self.limits)  # watched again, from the restored state
+        names = ", ".join(name for name, obj in objects.items() if obj is not None)
+        return (f" Rolled back to optimizer step {step}'s {names}; the learning rate is divided by 10 from now on "
+                f"(x{self.lr_factor.factor:g} at each step, on top of the schedule).")
 
     def finish(self, save_dir: Path | str, total_steps: int, skipped_steps: int | None = None,
                notes: list[str] = ()) -> None:

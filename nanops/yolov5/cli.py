@@ -47,7 +47,7 @@ def main(args: list[str]) -> int:
         return 3
     if protection.unsaved:
         print(f"nanops train: the run ended with a model that could not be saved finite; {len(protection.unsaved)} "
-              f"checkpoint write(s) were refused and the last good files kept ({protection.unsaved[-1]})",
+              f"checkpoint write(s) were refused ({protection.unsaved[-1]}); {protection.weights_on_disk()}",
               file=sys.stderr)
         return 1
     return 0

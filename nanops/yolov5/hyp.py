@@ -8,6 +8,19 @@ from __future__ import annotations
 import math
 
 
+def run_hyp_warnings(hyp, optimizer: str = "SGD") -> list[str]:
+    """hyp_warnings of a run's hyp (a dict, or the path of its YAML file); none where the file
+    cannot be read (yolov5 then says so itself)."""
+    import yaml
+    from pathlib import Path
+
+    try:
+        values = hyp if isinstance(hyp, dict) else yaml.safe_load(Path(hyp).read_text())
+        return hyp_warnings(values, optimizer) if isinstance(values, dict) else []
+    except (OSError, UnicodeDecodeError, HypError, yaml.YAMLError):
+        return []
+
+
 class HypError(ValueError):
     """The hyp itself is unreadable (lr0 missing, a value that is not a number)."""
 

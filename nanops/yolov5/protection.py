@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport
-from .hyp import HypError, hyp_warnings
+from .hyp import run_hyp_warnings
+from .saving import suspect_images, weights_on_disk
 from .shims import quiet_yolov5_import
 
-STOP_NOTE = " Stopping (--nanops-on-divergence stop); the last checkpoint written stays."
 
 
 class Protection:
@@ -39,7 +39,8 @@ class Protection:
         logger = quiet_yolov5_import("yolov5.utils.general").LOGGER
         self.report = SkipReport(logger)
         self.session = Session(on_divergence=on_divergence, report=self.report, warn=logger.warning,
-                               stop_note=STOP_NOTE, what="nanops train")
+                               stop_note=lambda: f" Stopping (--nanops-on-divergence stop); {self.weights_on_disk()}.",
+                               what="nanops train")
         self.session.state_objects = self._state_objects
         self.generation = -1
         self.epoch = -1
@@ -80,21 +81,10 @@ class Protection:
         self.session.begin_run()
         if getattr(opt, "resume", False) or self.generation > 0:
             self.report.keep_existing(opt.save_dir)  # a resumed run, a later generation: append
-        self.session.hyp_advice = self._hyp_advice(hyp, getattr(opt, "optimizer", "SGD"))
-
-    def _hyp_advice(self, hyp, optimizer: str) -> list[str]:
-        """doctor's hyp rules on this run's hyp: each warning said once, and kept as the likely
-        cause should the run diverge."""
-        import yaml
-
-        try:
-            values = hyp if isinstance(hyp, dict) else yaml.safe_load(Path(hyp).read_text())
-            advice = hyp_warnings(values, optimizer) if isinstance(values, dict) else []
-        except (OSError, HypError, yaml.YAMLError):
-            advice = []
-        for line in advice:
+        # doctor's hyp rules on this run's hyp: said once, kept as the likely cause of a divergence.
+        self.session.hyp_advice = run_hyp_warnings(hyp, getattr(opt, "optimizer", "SGD"))
+        for line in self.session.hyp_advice:
             self.report.logger.warning(f"nanops: hyp warning: {line}")
-        return advice
 
     def model_built(self, model: torch.nn.Module) -> None:
         self.model = model
@@ -203,7 +193,7 @@ class Protection:
             self._window_reported = False
         if batch_bad:
             finding, promoted = self._replay_here(imgs, targets, None)
-            self._record(SkippedStep(self.epoch, ni, finding, _suspect_images(imgs, paths), self.generation,
+            self._record(SkippedStep(self.epoch, ni, finding, suspect_images(imgs, paths), self.generation,
                                      "batch", batch, promoted=promoted))
             self._window_reported = not stepped
         elif stepped and new_skip and not explained:
@@ -247,13 +237,17 @@ class Protection:
         notes = []
         if self.unsaved:
             notes.append(f"{len(self.unsaved)} checkpoint write(s) refused because the model or EMA was not finite "
-                         f"as saved (the last good files were kept): {', '.join(self.unsaved[:3])}")
+                         f"as saved ({', '.join(self.unsaved[:3])}); {self.weights_on_disk()}")
         scaler = self.scaler
         self.session.finish(self.opt.save_dir, scaler.total_steps if scaler is not None else 0,
                             scaler.skipped_steps if scaler is not None else 0, notes)
 
+    def weights_on_disk(self) -> str:
+        return weights_on_disk(self.opt.save_dir)
+
     def _state_objects(self) -> dict:
-        return {"model": self.model, "ema": self.ema.ema if self.ema is not None else None, "optimizer": self.optimizer}
+        return {"model": self.model, "ema": self.ema.ema if self.ema is not None else None, "optimizer": self.optimizer,
+                "scaler": self.scaler if self.scaler is not None and self.scaler.is_enabled() else None}
 
     def callbacks(self):
         from yolov5.utils.callbacks import Callbacks
@@ -263,10 +257,3 @@ class Protection:
                      "on_fit_epoch_end", "on_train_end"):
             callbacks.register_action(hook, name="nanops", callback=getattr(self, hook))
         return callbacks
-
-
-def _suspect_images(imgs: torch.Tensor, paths) -> list[str]:
-    """The paths of the batch's images holding a NaN/Inf pixel, or every path of the batch when
-    none does (the non-finite value arose inside the model or the loss)."""
-    rows = (~torch.isfinite(imgs.detach()).flatten(1).all(1)).nonzero().flatten().tolist()
-    return [str(paths[i]) for i in rows] if rows else [str(p) for p in paths]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -37,3 +38,19 @@ def guarded_save(save: Callable, refused: Callable[[str, str], None]) -> Callabl
                 return None
         return save(obj, f, *args, **kwargs)
     return guarded
+
+
+def weights_on_disk(save_dir) -> str:
+    """What a run's weights folder holds, said as it is."""
+    weights = Path(save_dir) / "weights"
+    kept = sorted(p.name for p in weights.glob("*.pt")) if weights.is_dir() else []
+    if kept:
+        return f"on disk: {', '.join(str(weights / name) for name in kept)}"
+    return f"no checkpoint was written ({weights} is empty)"
+
+
+def suspect_images(imgs: torch.Tensor, paths) -> list[str]:
+    """The paths of the batch's images holding a NaN/Inf pixel, or every path of the batch when
+    none does (the non-finite value arose inside the model or the loss)."""
+    rows = (~torch.isfinite(imgs.detach()).flatten(1).all(1)).nonzero().flatten().tolist()
+    return [str(paths[i]) for i in rows] if rows else [str(p) for p in paths]
