@@ -28,8 +28,9 @@ from .nn import MultiheadAttention
 from .transformer_layer import transformer_layer
 
 
-class _PicklesAsOriginal:
-    """A module switched to a nanops class in place, saved as the class it was built as."""
+class PicklesAsOriginal:
+    """A module switched to a nanops class in place (patched attention, a float32 promotion),
+    saved as the class it was built as; a deepcopy keeps the switch."""
 
     _original_class: type[nn.Module]
 
@@ -45,7 +46,7 @@ class _PicklesAsOriginal:
         return new
 
 
-class PatchedMultiheadAttention(_PicklesAsOriginal, MultiheadAttention):
+class PatchedMultiheadAttention(PicklesAsOriginal, MultiheadAttention):
     """A torch.nn.MultiheadAttention switched to nanops' forward by `patch`."""
 
     _original_class: type[nn.MultiheadAttention] = nn.MultiheadAttention
@@ -124,7 +125,7 @@ def discards_weights(owner: type[nn.Module], attr: str) -> bool:
     return _DISCARDS[key]
 
 
-class FoldedTransformerLayer(_PicklesAsOriginal, nn.Module):
+class FoldedTransformerLayer(PicklesAsOriginal, nn.Module):
     """A yolov5 (or ultralytics) TransformerLayer switched by `patch` to nanops.transformer_layer:
     the same parameters and attributes, its stacked projections folded, its attention fused."""
 

@@ -46,7 +46,10 @@ def _foldable(layer: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not layer.ma._qkv_same_embed_dim or x.dim() != 3 or x.shape[0] * x.shape[1] < 2 * x.shape[-1]:
         return False
-    return not private.hooks_observe((*linears, layer.ma))
+    modules = (*linears, layer.ma)
+    if any(getattr(m, "runs_in_float32", False) for m in modules):
+        return False  # a module promoted to float32 runs as a module
+    return not private.hooks_observe(modules)
 
 
 def transformer_layer(

@@ -205,3 +205,16 @@ def test_doctor_says_a_hyp_file_is_not_text(tmp_path, capsys):
     hyp.write_bytes(b"lr0: 0.01\nmomentum: \xff\xfe\n")
     assert main(["doctor", "--hyp", str(hyp)]) == 2
     assert "not UTF-8" in capsys.readouterr().err
+
+
+def test_a_finite_but_exploding_validation_is_a_divergence_from_the_first_validation():
+    watch = DivergenceWatch()
+    assert watch.validation(True, True, 10, val_loss=3.2, train_loss=2.9) is None  # healthy
+    event = watch.validation(True, True, 20, val_loss=1.9e14, train_loss=4.0)
+    assert event is not None and event.kind == "validation" and "training loss" in event.detail
+    first = DivergenceWatch()  # the very first validation of a run away
+    assert first.validation(True, True, 5, val_loss=5e3, train_loss=3.0).kind == "validation"
+    trend = DivergenceWatch()
+    trend.validation(True, True, 5, val_loss=2.0, train_loss=1.9)
+    assert trend.validation(True, True, 6, val_loss=900.0, train_loss=100.0).detail.startswith(
+        "the validation loss grew")

@@ -84,6 +84,7 @@ class Outcome:
     csv_rows: list
     probe: Probe
     finite: bool
+    divergences: list = field(default_factory=list)
 
 
 def _rows(save_dir: Path) -> list[dict]:
@@ -127,7 +128,8 @@ def run_guard(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
             guard.epoch_end()
     guard.finish()
     return Outcome(guard.skips, _rows(tmp_path), probe, all(bool(torch.isfinite(t).all())
-                                                           for t in _floats(model).values()))
+                                                           for t in _floats(model).values()),
+                   guard.session.divergences)
 
 
 def _yolov5_data(tmp_path: Path) -> Path:
@@ -161,7 +163,7 @@ def run_yolov5(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
         ModelEMA.__init__ = original_init
     last = torch.load(Path(opt.save_dir) / "weights" / "last.pt", map_location="cpu", weights_only=False)
     finite = all(bool(torch.isfinite(t).all()) for t in _floats(last["ema"] or last["model"]).values())
-    return Outcome(opt.nanops_skipped, _rows(opt.save_dir), probe, finite)
+    return Outcome(opt.nanops_skipped, _rows(opt.save_dir), probe, finite, opt.nanops_divergences)
 
 
 def run_ultralytics(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
@@ -181,7 +183,7 @@ def run_ultralytics(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Out
                     verbose=False)
     trainer = model.trainer
     finite = all(bool(torch.isfinite(t).all()) for t in _floats(trainer.model).values())
-    return Outcome(protection.skips, _rows(trainer.save_dir), probe, finite)
+    return Outcome(protection.skips, _rows(trainer.save_dir), probe, finite, protection.divergences)
 
 
 RUNNERS = {"guard": run_guard, "yolov5": run_yolov5, "ultralytics": run_ultralytics}
@@ -206,6 +208,7 @@ def test_one_corrupt_batch_is_one_skip_that_leaves_nothing_behind(wing, tmp_path
         torch.testing.assert_close(out.probe.emas[2][name], before, rtol=0, atol=0, msg=f"EMA {name}")
     assert len(out.csv_rows) == 1 and out.csv_rows[0]["first_nonfinite"] == skip.first_nonfinite
     assert out.finite
+    assert out.divergences == []  # one corrupt batch in a healthy run is no divergence
 
 
 @pytest.mark.parametrize("wing", _wings())
@@ -215,3 +218,14 @@ def test_a_run_that_cannot_take_a_step_any_more_fires_the_divergence_policy(wing
                         functools.partial(DivergenceLimits, consecutive_skips=2))
     with pytest.raises(Diverged, match="consecutive skipped steps"):
         RUNNERS[wing](tmp_path, lambda i: i >= 1, on_divergence="stop")
+
+
+@pytest.mark.parametrize("wing", _wings())
+def test_rollback_restores_a_healthy_state_and_the_run_trains_on(wing, tmp_path, monkeypatch):
+    # Batches 1-3 corrupt: a run of skipped steps (2 make a divergence here), rolled back to the
+    # state after the first healthy step; the run then finishes with finite weights.
+    monkeypatch.setattr("nanops.training.divergence.DivergenceLimits",
+                        functools.partial(DivergenceLimits, consecutive_skips=2))
+    out = RUNNERS[wing](tmp_path, lambda i: 1 <= i <= 3, on_divergence="rollback")
+    assert any("Rolled back to optimizer step 1's model" in m for m in out.divergences), out.divergences
+    assert out.finite

@@ -9,8 +9,9 @@ names what happened since the last read:
     average, ~10 steps), grew to `growth` times its lowest smoothed value after the first
     `settle_steps` healthy steps (weights running away: lr far too high). Smoothed, so that a
     noisy, converging run's lucky batch is never the yardstick of its ordinary ones;
-  * "validation": validation went non-finite while the training steps stayed finite (checked on
-    the host, once an epoch, by `validation()`).
+  * "validation": validation went non-finite while the training loss stayed finite, or its loss
+    grew to `growth` times the training loss or its own best (checked on the host, once an
+    epoch, by `validation()`).
 Each kind is reported once, the skip run once per run. What to do about it is the caller's policy
 (`Policy`): warn, stop (nanops.Diverged), or roll back to the last good state with the lr lowered.
 """
@@ -75,6 +76,7 @@ class DivergenceWatch:
         self._fired: set[str] = set()
         self._fired_run: float = -1.0
         self._scales: list[float] = []
+        self._best_val: float | None = None
         self.events: list[DivergenceEvent] = []
 
     def _init(self, device: torch.device) -> None:
@@ -138,14 +140,29 @@ class DivergenceWatch:
         self.events += new
         return new
 
-    def validation(self, val_finite: bool, train_finite: bool, step: int) -> DivergenceEvent | None:
-        """Validation non-finite while training steps are finite (eval-mode outputs blown up)."""
-        if val_finite or not train_finite or "validation" in self._fired:
+    def validation(self, val_finite: bool, train_finite: bool, step: int, val_loss: float | None = None,
+                   train_loss: float | None = None) -> DivergenceEvent | None:
+        """After a validation (host numbers, read by the trainer already): non-finite validation
+        while the training loss is finite (eval-mode outputs blown up), or a finite validation
+        loss `growth` times the epoch's training loss or its own best (weights running away while
+        each training batch still looks tame: checked from the first validation on)."""
+        if "validation" in self._fired or not train_finite:
+            return None
+        detail = None
+        if not val_finite:
+            detail = ("validation went non-finite while the training loss stayed finite: the weights have grown so "
+                      "large that eval-mode outputs overflow")
+        elif val_loss is not None and math.isfinite(val_loss):
+            growth = self.limits.growth
+            if train_loss is not None and math.isfinite(train_loss) and train_loss > 0 and val_loss >= growth * train_loss:
+                detail = f"the validation loss {val_loss:.3g} is {val_loss / train_loss:.3g}x the training loss {train_loss:.3g}"
+            elif self._best_val is not None and self._best_val > 0 and val_loss >= growth * self._best_val:
+                detail = f"the validation loss grew to {val_loss:.3g}, {val_loss / self._best_val:.3g}x its best of {self._best_val:.3g}"
+            self._best_val = val_loss if self._best_val is None else min(self._best_val, val_loss)
+        if detail is None:
             return None
         self._fired.add("validation")
-        event = DivergenceEvent("validation", step, "validation went non-finite while the training loss stayed "
-                                "finite: the weights have grown so large that eval-mode outputs overflow",
-                                list(self._scales))
+        event = DivergenceEvent("validation", step, detail, list(self._scales))
         self.events.append(event)
         return event
 

@@ -2,65 +2,69 @@
 non-finite while its inputs were finite runs in float32 from then on, the rest of the model in
 AMP's float16.
 
-The promotion lives in two process-wide module hooks and a registry of the promoted modules (by
-weak reference): nothing is stored on the model, so checkpoints and pickles stay plain, and a new
-process starts unpromoted (a resumed run re-learns it at its first overflow).
+A promoted module's class is switched in place to a subclass whose forward runs the original one
+with autocast off and every 16-bit floating input cast up (positional, keyword, inside lists,
+tuples, dicts or dataclasses). The switch is the model's own: a deepcopy (an EMA) keeps it, a
+pickle (a checkpoint) saves the original class, so files load without nanops; no process-wide
+hook is involved, and a new process starts unpromoted (a resumed run re-learns it at its first
+overflow).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 
 import torch
 from torch import nn
 
-from .global_hooks import forward_hook, forward_pre_hook
+from .._torch_private import pytree
+from ..patching import PicklesAsOriginal
 
 _promoted: weakref.WeakSet = weakref.WeakSet()
-_active: dict[int, list] = {}
-_handles: list = []
+_CLASSES: dict[type, type] = {}
 
 
 def _cast_up(value):
-    if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype in (torch.float16, torch.bfloat16):
-        return value.float()
-    if isinstance(value, tuple):
-        return tuple(_cast_up(v) for v in value)
-    if isinstance(value, list):
-        return [_cast_up(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.float16, torch.bfloat16) else value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: _cast_up(getattr(value, f.name))
+                                             for f in dataclasses.fields(value) if f.init})
     return value
 
 
-def _pre_hook(module, args):
-    if module not in _promoted:
-        return None
-    device_types = {a.device.type for a in args if isinstance(a, torch.Tensor)} or {"cpu"}
-    if not any(torch.is_autocast_enabled(d) for d in device_types):
-        return None
-    stack = contextlib.ExitStack()
-    for d in device_types:
-        stack.enter_context(torch.autocast(d, enabled=False))
-    _active.setdefault(id(module), []).append(stack)
-    return _cast_up(args)  # keyword tensors keep their dtype (rare in module calls)
+class _RunsInFloat32(PicklesAsOriginal):
+    """The forward of a promoted module (first in its class's MRO)."""
+
+    runs_in_float32 = True  # read by nanops' folded TransformerLayer: run this module as a module
+
+    def forward(self, *args, **kwargs):
+        leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        devices = {t.device.type for t in leaves} or {"cpu"}
+        if not any(torch.is_autocast_enabled(d) for d in devices):
+            return super().forward(*args, **kwargs)
+        with contextlib.ExitStack() as stack:
+            for d in devices:
+                stack.enter_context(torch.autocast(d, enabled=False))
+            args, kwargs = pytree.tree_map(_cast_up, (args, kwargs))
+            return super().forward(*args, **kwargs)
 
 
-def _post_hook(module, args, output):
-    stacks = _active.get(id(module))
-    if stacks:
-        stacks.pop().close()
-        if not stacks:
-            del _active[id(module)]
-    return None
+def _promoted_class(cls: type) -> type:
+    if cls not in _CLASSES:
+        original = getattr(cls, "_original_class", cls)  # a nanops-patched module saves as torch's
+        _CLASSES[cls] = type(f"Float32{cls.__name__}", (_RunsInFloat32, cls),
+                             {"_original_class": original, "_before_promotion": cls, "__module__": __name__})
+    return _CLASSES[cls]
 
 
 def promote(module: nn.Module) -> bool:
     """Runs `module` in float32 under autocast from now on (its 16-bit floating inputs cast up).
-    Returns False when it was promoted already."""
-    if module in _promoted:
+    Returns False when it was promoted already (or cannot be: a TorchScript module)."""
+    if is_promoted(module) or isinstance(module, torch.jit.ScriptModule):
         return False
-    if not _handles:
-        _handles.append(forward_pre_hook(_pre_hook))
-        _handles.append(forward_hook(_post_hook, always_call=True))
+    module.__class__ = _promoted_class(type(module))
     _promoted.add(module)
     return True
 
@@ -73,12 +77,20 @@ def promote_named(model: nn.Module, names) -> list[str]:
 
 
 def is_promoted(module: nn.Module) -> bool:
-    return module in _promoted
+    return isinstance(module, _RunsInFloat32)
+
+
+def demote(module: nn.Module) -> None:
+    """Back to the class it had before `promote`."""
+    if is_promoted(module):
+        module.__class__ = type(module)._before_promotion
+    _promoted.discard(module)
 
 
 def demote_all() -> None:
-    """Forgets every promotion (tests; a new training in the same process)."""
-    _promoted.clear()
+    """Forgets every promotion made in this process (copies made since keep theirs)."""
+    for module in list(_promoted):
+        demote(module)
 
 
 def overflowing_module(model: nn.Module, name: str, forward) -> tuple[str, nn.Module] | None:

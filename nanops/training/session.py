@@ -280,10 +280,12 @@ class Session:
         events = self.divergence.read()
         self._handle(events_of_every_rank(events) if collective else events, where)
 
-    def validation(self, val_finite: bool, train_finite: bool, where: str = "") -> None:
-        """After a validation (read on the host by the trainer): non-finite validation with
-        finite training steps is a divergence."""
-        event = self.divergence.validation(val_finite, train_finite, self.total_steps)
+    def validation(self, val_finite: bool, train_finite: bool, where: str = "", val_loss: float | None = None,
+                   train_loss: float | None = None) -> None:
+        """After a validation (numbers the trainer read on the host): non-finite validation with a
+        finite training loss, or a validation loss far above the training loss or its own best,
+        is a divergence."""
+        event = self.divergence.validation(val_finite, train_finite, self.total_steps, val_loss, train_loss)
         if event is not None:
             self._handle([event], where)
 

@@ -31,6 +31,7 @@ batch went non-finite.
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ import torch
 from .. import patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
-from ..training import GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
+from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 # A YOLOv8n with a C3TR block (yolov5's TransformerLayer): YOLO(nanops.ultralytics.YOLOV8N_C3TR).
@@ -52,8 +53,8 @@ class Protection:
     def __init__(self, on_divergence: str = "warn") -> None:
         from ultralytics.utils import LOGGER
 
-        if on_divergence not in ("warn", "stop"):
-            raise ValueError(f"protect: on_divergence must be 'warn' or 'stop', got {on_divergence!r}")
+        if on_divergence not in POLICIES:
+            raise ValueError(f"protect: on_divergence must be one of {', '.join(POLICIES)}, got {on_divergence!r}")
         self.report = SkipReport(LOGGER)
         self.session = Session(on_divergence=on_divergence, report=self.report, warn=LOGGER.warning,
                                what="protect")
@@ -103,6 +104,12 @@ class Protection:
         trainer._handle_nan_recovery = self._nan_recovery(trainer, trainer._handle_nan_recovery)
         self._trainer = trainer
         self._hook = session.remember_inputs()  # the batch dict, for a replay
+        if session.on_divergence == "rollback" and session.world_size > 1:
+            # Each rank would restore its own copy, and DDP never re-syncs parameters.
+            raise ValueError("protect: on_divergence='rollback' is for single-process runs; under DDP use 'stop'")
+        session.state_objects = lambda: {
+            "model": session.module, "ema": trainer.ema.ema if trainer.ema else None, "optimizer": trainer.optimizer,
+            "scaler": scaler if scaler.is_enabled() else None}
 
     @staticmethod
     def _bf16(trainer) -> bool:
@@ -143,6 +150,20 @@ class Protection:
 
     def on_train_epoch_end(self, trainer) -> None:
         self.session.check(f"(epoch {int(trainer.epoch)})")
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        # The epoch's validation: its losses against the epoch's training loss (ultralytics'
+        # own numbers, on the host already). Rank 0 alone validates: under DDP a stop decided
+        # here would leave the other ranks waiting, so the rule is for single-process runs.
+        if self.session.world_size > 1:
+            return
+        val = [float(v) for k, v in (trainer.metrics or {}).items() if k.startswith("val/") and "loss" in k]
+        tloss = getattr(trainer, "tloss", None)  # a running mean: a dict of loss items, or a tensor
+        parts = tloss.values() if isinstance(tloss, dict) else [tloss] if tloss is not None else []
+        train = [float(v) for part in parts for v in torch.as_tensor(part).reshape(-1)]
+        if val and train:
+            self.session.validation(all(math.isfinite(v) for v in val), all(math.isfinite(v) for v in train),
+                                    f"(epoch {int(trainer.epoch)})", sum(val), sum(train))
 
     def on_train_end(self, trainer) -> None:
         total = self.scaler.total_steps if self.scaler is not None else 0
@@ -201,11 +222,12 @@ def protect(model, on_divergence: str = "warn") -> Protection:
     """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
     returns the Protection, whose `skips` lists the skipped steps of the latest training
     (SkippedStep), `promoted` the modules run in float32 after a float16 overflow and
-    `divergences` the messages of a lost run (on_divergence="stop" raises nanops.Diverged at
+    `divergences` the messages of a lost run (on_divergence="rollback" restores the last healthy
+    model, EMA, optimizer and scaler with the lr divided by 10; "stop" raises nanops.Diverged at
     the epoch's end)."""
     protection = Protection(on_divergence)
     for event in ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_batch_start",
-                  "on_train_batch_end", "on_train_epoch_end", "on_train_end", "teardown"):
+                  "on_train_batch_end", "on_train_epoch_end", "on_fit_epoch_end", "on_train_end", "teardown"):
         model.add_callback(event, getattr(protection, event))
     train = model.train
 

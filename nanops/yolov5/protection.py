@@ -16,14 +16,13 @@ the skip with the finding and the rank it came from, and writes the one CSV.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 
 from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport
 from .hyp import run_hyp_warnings
-from .saving import suspect_images, weights_on_disk
-from .shims import quiet_yolov5_import
+from .saving import FiniteCheckpoints, suspect_images, weights_on_disk
+from .shims import quiet_yolov5_import, yolov5_callbacks
 
 
 
@@ -49,7 +48,7 @@ class Protection:
         self.compute_loss = None
         self.optimizer = None
         self.ema = None
-        self.unsaved: list[str] = []  # checkpoints not written because their state was not finite
+        self.checkpoints = FiniteCheckpoints(logger)  # what was refused, the start weights
         self._last_loss: torch.Tensor | None = None
         self._last_norm: torch.Tensor | None = None
         self._steps_seen = self._skips_reported = 0
@@ -61,6 +60,7 @@ class Protection:
         self._agreed: tuple | None = None
 
     # What the run's callers read.
+    unsaved = property(lambda self: self.checkpoints.unsaved)
     skips = property(lambda self: self.session.skips)
     promoted = property(lambda self: self.session.promoted)
     divergences = property(lambda self: self.session.divergences)
@@ -76,6 +76,7 @@ class Protection:
         self.generation += 1
         self.epoch = -1
         self.model = self.scaler = None
+        self.checkpoints.start = None
         self._steps_seen = self._skips_reported = 0
         self._window_reported = False
         self.session.begin_run()
@@ -150,11 +151,6 @@ class Protection:
         self.ema = ema
         return self.scaler is None or not self.scaler.last_step_skipped  # else: as before the batch
 
-    def save_refused(self, path: str, bad: str) -> None:
-        self.unsaved.append(path)
-        keep = "kept the previous file" if Path(path).exists() else "wrote nothing"
-        self.report.logger.warning(f"nanops: not writing {path}: {bad} is not finite as saved; {keep}")
-
     # --- yolov5 callbacks -------------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
         self.epoch += 1
@@ -164,6 +160,8 @@ class Protection:
         self.session.new_epoch()
 
     def on_train_batch_start(self) -> None:
+        if self.model is not None:
+            self.checkpoints.keep_start(self.session.module)
         self.session.begin_batch()
 
     def on_train_batch_end(self, model, ni, imgs, targets, paths, vals) -> None:
@@ -231,7 +229,7 @@ class Protection:
         values = [float(v) for v in log_vals[:10]]
         train_finite = all(math.isfinite(v) for v in values[:3])
         val_finite = all(math.isfinite(v) for v in values[7:10])
-        self.session.validation(val_finite, train_finite, f"(epoch {self.epoch})")
+        self.session.validation(val_finite, train_finite, f"(epoch {self.epoch})", sum(values[7:10]), sum(values[:3]))
 
     def on_train_end(self, last, best, epoch, results) -> None:
         notes = []
@@ -245,15 +243,11 @@ class Protection:
     def weights_on_disk(self) -> str:
         return weights_on_disk(self.opt.save_dir)
 
+    def callbacks(self):
+        """yolov5 Callbacks() with nanops' hooks (train.py makes new ones per --evolve generation)."""
+        return yolov5_callbacks(self, ("on_train_epoch_start", "on_train_batch_start", "on_train_batch_end",
+                                       "on_train_epoch_end", "on_fit_epoch_end", "on_train_end"))
+
     def _state_objects(self) -> dict:
         return {"model": self.model, "ema": self.ema.ema if self.ema is not None else None, "optimizer": self.optimizer,
                 "scaler": self.scaler if self.scaler is not None and self.scaler.is_enabled() else None}
-
-    def callbacks(self):
-        from yolov5.utils.callbacks import Callbacks
-
-        callbacks = Callbacks()
-        for hook in ("on_train_epoch_start", "on_train_batch_start", "on_train_batch_end", "on_train_epoch_end",
-                     "on_fit_epoch_end", "on_train_end"):
-            callbacks.register_action(hook, name="nanops", callback=getattr(self, hook))
-        return callbacks

@@ -85,3 +85,13 @@ def quiet_yolov5_import(module: str):
 def import_yolov5_common():
     """yolov5.models.common, imported without its banner noise."""
     return quiet_yolov5_import("yolov5.models.common")
+
+
+def yolov5_callbacks(owner, hooks) -> object:
+    """A yolov5 Callbacks object with `owner`'s methods of these names registered (as "nanops")."""
+    from yolov5.utils.callbacks import Callbacks
+
+    callbacks = Callbacks()
+    for hook in hooks:
+        callbacks.register_action(hook, name="nanops", callback=getattr(owner, hook))
+    return callbacks

@@ -133,7 +133,7 @@ def installed(p: Protection) -> Iterator[None]:
             (torch.nn.utils, "clip_grad_norm_", _clip(p)),
             (ModelEMA, "update", _ema_update(p, ModelEMA.update)),
             (yolov5_train, "ComputeLoss", _loss(p, yolov5_train.ComputeLoss)),
-            (torch, "save", guarded_save(torch.save, p.save_refused)),
+            (torch, "save", guarded_save(torch.save, p.checkpoints.refused)),
         ))
         yield
 
