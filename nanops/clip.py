@@ -28,6 +28,7 @@ from .grad_norms import (_check_max_norm, _check_norm_type, _clip_coef_on_device
 from .ops import _tensor_list
 
 ParamsOrGrads = torch.Tensor | Iterable[torch.Tensor]
+_PLAIN_GRADS = frozenset({torch.Tensor})
 
 
 def _fused(grads: list[torch.Tensor], max_norm: float, p: float, inv_scale, found_inf, scale: bool):
@@ -43,7 +44,7 @@ def _fused(grads: list[torch.Tensor], max_norm: float, p: float, inv_scale, foun
     if not (inv_scale is None or type(inv_scale) is torch.Tensor) or not (
             found_inf is None or type(found_inf) is torch.Tensor):
         return None
-    if not all(type(g) is torch.Tensor for g in grads):  # a tensor subclass: its own dispatch
+    if not _PLAIN_GRADS.issuperset(map(type, grads)):  # a tensor subclass: its own dispatch
         return None
     try:
         return torch.ops.nanops.clip_grad_norm_.default(grads, max_norm, p, inv_scale, found_inf, scale)

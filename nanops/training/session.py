@@ -97,6 +97,7 @@ class Session:
         self.model: torch.nn.Module | None = None
         self.state_objects: Callable[[], dict[str, object]] = lambda: {"model": self.model}
         self.last_input = None            # the trained model's latest training input (remember_inputs)
+        self.lr_factor = LrFactor()       # the lr lowering of rollbacks (hooks on the optimizer)
         self.begin_run()
 
     # --- a run ------------------------------------------------------------------------------
@@ -105,9 +106,7 @@ class Session:
         divergence watch and window start afresh; promotions stay."""
         self.divergence = DivergenceWatch(self.limits)
         self.rollback = RollbackState(self.rollback_every) if self.on_divergence == "rollback" else None
-        if getattr(self, "lr_factor", None) is not None:
-            self.lr_factor.remove()  # a new run: its optimizer starts at its own lr
-        self.lr_factor = LrFactor()
+        self.lr_factor.remove()  # a new run: its optimizer starts at its own lr
         self.skips: list[SkippedStep] = []
         self.window: MicroBatchWindow | None = None
         self.total_steps = 0
