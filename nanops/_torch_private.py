@@ -117,3 +117,23 @@ def onnx_export_flag():
     except ImportError:
         return torch.onnx.is_in_onnx_export
     return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether `model` or one of its modules runs through torch.compile (`torch.compile(m)`'s
+    wrapper, or `m.compile()`, which sets a private call): module hooks added or removed there
+    make Dynamo recompile, so a sampling monitor stays off such models."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
+               for m in model.modules())
+
+
+def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module `torch.compile(module)` wrapped (itself when not wrapped): the one whose
+    submodules have the names the user knows (no "_orig_mod." prefix)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    while isinstance(model, OptimizedModule):
+        model = model._orig_mod
+    return model

@@ -96,6 +96,14 @@ def _cmd_doctor(args) -> int:
     if args.data is None and args.hyp is None:
         print("nanops doctor: give DATA (a yolov5 data yaml or a labels folder) and/or --hyp", file=sys.stderr)
         return 2
+    if args.weights is not None and args.data is None:
+        print("nanops doctor: --weights needs DATA (the model runs on a batch of its training images)",
+              file=sys.stderr)
+        return 2
+    if args.img < 32 or args.img % 32 or args.batch < 1:
+        print(f"nanops doctor: --img must be a multiple of 32 and --batch >= 1, got {args.img} and {args.batch}",
+              file=sys.stderr)
+        return 2
     wrong = 0
     try:
         if args.data is not None:
@@ -120,10 +128,32 @@ def _cmd_doctor(args) -> int:
                 print(f"{args.hyp}: warning: {w}")
             print(f"hyp: {len(warnings)} warning(s) for optimizer {args.optimizer}")
             wrong += len(warnings)
+        if args.weights is not None:
+            wrong += _doctor_headroom(args)
     except DoctorError as err:
         print(f"nanops doctor: {err}", file=sys.stderr)
         return 2
     return 1 if wrong else 0
+
+
+def _doctor_headroom(args) -> int:
+    """--weights: each module's float16 headroom in one forward; returns the count within 8x of 65504."""
+    import torch
+
+    from .tools.model_headroom import image_batch, image_files, load_model, model_headroom
+
+    model = load_model(Path(args.weights))
+    images = image_batch(image_files(Path(args.data), args.batch), args.img)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seen = model_headroom(model, images, device)
+    tight = [h for h in seen if h.fraction * 8 >= 1.0]
+    shown = [(f"{args.weights}: warning: ", h) for h in tight[: args.max_report]] or \
+        [(f"{args.weights}: tightest: ", h) for h in seen[:5]]
+    for prefix, h in shown:
+        print(f"{prefix}{h} (|x| up to {h.fraction * 65504:.4g})")
+    print(f"headroom: {len(seen)} float16 value(s) measured on {len(images)} image(s) at {args.img} px ({device}); "
+          f"{len(tight)} within 8x of float16's 65504")
+    return len(tight)
 
 
 def _benchmarks_dir() -> Path | None:
@@ -184,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--hyp", help="a yolov5 hyp yaml to check")
     doctor.add_argument("--optimizer", default="SGD", choices=["SGD", "Adam", "AdamW", "RMSProp"],
                         help="the optimizer the hyp is used with (default %(default)s)")
+    doctor.add_argument("--weights", help="a model file (yolov5/ultralytics .pt) whose float16 headroom is measured "
+                        "in one forward on DATA's training images under float16 autocast")
+    doctor.add_argument("--img", type=int, default=640, help="image size for --weights (default %(default)s)")
+    doctor.add_argument("--batch", type=int, default=8, help="images for --weights (default %(default)s)")
     doctor.add_argument("--fix-to", help="write cleaned copies of the label files into this folder (originals "
                                          "untouched; no default: nothing is written without it)")
     doctor.add_argument("--max-report", type=int, default=200, help="print at most this many problems "

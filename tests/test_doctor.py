@@ -218,3 +218,47 @@ def test_streamed_batches_keep_line_numbers_and_find_duplicates_across_them(tmp_
     assert streamed.rows == whole.rows == 29
     assert any(p.line == 21 and "outside [0, 1]" in p.message for p in streamed.problems)
     assert sum("duplicate of line" in p.message for p in streamed.problems) >= 1
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    """A yolov5s-transformer checkpoint as yolov5 saves it (float16), and one whose attention
+    logits were scaled x22500 (q and k weights x150): within 8x of float16's 65504."""
+    import torch
+
+    models = pytest.importorskip("nanops.yolov5.models")
+    from nanops.tools.synthetic import write_yolo_dataset
+
+    root = tmp_path_factory.mktemp("headroom")
+    data = write_yolo_dataset(root / "data", num_train=2, num_val=1, size=64)
+    torch.manual_seed(0)
+    healthy, hot = models.build_transformer_model(), models.build_transformer_model()
+    with torch.no_grad():
+        layer = hot.model[8].m.tr[0]
+        layer.q.weight.mul_(150)
+        layer.k.weight.mul_(150)
+    for name, model in (("healthy.pt", healthy), ("hot.pt", hot)):
+        torch.save({"epoch": 0, "model": model.half(), "ema": None}, root / name)
+    return data, root / "healthy.pt", root / "hot.pt"
+
+
+def test_doctor_weights_measures_each_modules_float16_headroom(model_files, capsys):
+    data, healthy, hot = model_files
+    args = ["doctor", str(data), "--img", "128", "--batch", "2", "--weights"]
+    assert main(args + [str(healthy)]) == 0
+    out = capsys.readouterr().out
+    assert "0 within 8x of float16's 65504" in out and "tightest: " in out
+    assert main(args + [str(hot)]) == 1
+    out = capsys.readouterr().out
+    assert f"{hot}: warning: model.8.m.tr.0.ma q·k at 1/" in out and "1 within 8x" in out
+
+
+def test_doctor_weights_refuses_what_it_cannot_run(model_files, tmp_path, capsys):
+    data, healthy, _ = model_files
+    assert main(["doctor", "--hyp", str(data), "--weights", str(healthy)]) == 2  # no DATA
+    assert "--weights needs DATA" in capsys.readouterr().err
+    assert main(["doctor", str(data), "--weights", str(tmp_path / "none.pt")]) == 2
+    assert "no such model file" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    assert main(["doctor", str(data), "--weights", str(tmp_path / "junk.pt")]) == 2
+    assert "cannot load the model file" in capsys.readouterr().err

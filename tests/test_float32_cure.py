@@ -103,3 +103,107 @@ def test_a_promoted_attention_inside_a_folded_layer_runs_as_a_module():
         layer(x)
         handle.remove()
     assert seen == [torch.float32]  # the folded path would have skipped the promoted module
+
+
+class Overflowing(nn.Module):
+    """A Linear whose float16 output overflows (x 50000), finite in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.lin(x) * 50000.0
+
+
+def _overflowing_model():
+    torch.manual_seed(0)
+    # LayerNorm runs in float32 under autocast: NaN from an overflowed float16 input only.
+    return nn.Sequential(nn.Linear(8, 16), Overflowing(), nn.LayerNorm(16), nn.Linear(16, 4))
+
+
+FP16 = dict(device_type="cpu", dtype=torch.float16)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_a_model_compiled_before_the_promotion_runs_the_module_in_float32(fullgraph):
+    model = _overflowing_model()
+    # aot_eager keeps float16's arithmetic (CPU inductor would compute the product in float32).
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=fullgraph)
+    x = torch.randn(4, 8) * 10
+    with torch.autocast(**FP16):
+        before = compiled(x)
+    assert not torch.isfinite(before).all()
+    promote(model[1])
+    with torch.autocast(**FP16):
+        after = compiled(x)
+        eager = model(x)
+    assert torch.isfinite(after).all()
+    torch.testing.assert_close(after, eager)
+    demote(model[1])
+    torch._dynamo.reset()
+
+
+def test_a_compiled_forward_is_replayed_the_overflow_named_and_cured():
+    model = _overflowing_model()
+    compiled = torch.compile(model, backend="aot_eager")
+    scaler = torch.amp.GradScaler("cpu", init_scale=1.0)
+    x = torch.randn(4, 8) * 10
+
+    def loss_fn():
+        with torch.autocast(**FP16):
+            return compiled(x).float().mean()
+
+    results = []
+    with pytest.warns(UserWarning, match="headroom monitor is off for this model"):
+        guard = nanops.Guard(compiled, torch.optim.SGD(model.parameters(), lr=1e-3), scaler)
+        for _ in range(3):
+            scaler.scale(loss_fn()).backward()
+            results.append(guard.step(locate=loss_fn))
+    assert [r.skipped for r in results] == [True, False, False]
+    assert results[0].finding.module == "1" and results[0].finding.phase == "forward"  # no "_orig_mod."
+    assert guard.promoted == ["1"] and is_promoted(model[1])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    torch._dynamo.reset()
+
+
+class InternalOverflow(nn.Module):
+    """Overflows float16 inside (x 50000, then a norm over it: inf, so h / inf = 0); its output is
+    in [-1, 1] in float32."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(16, 16)
+
+    def forward(self, x):
+        h = self.lin(x) * 50000.0
+        return h / h.norm(dim=-1, keepdim=True)
+
+
+def test_a_half_validation_copy_runs_the_promoted_module_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), InternalOverflow(), nn.Linear(16, 4))
+    x = torch.randn(4, 8)
+    reference = model(x)
+    plain_half = copy.deepcopy(model).half()
+    assert not torch.allclose(plain_half(x.half()).float(), reference, atol=2e-2, rtol=2e-2)
+    promote(model[1])
+    ema = copy.deepcopy(model).half()  # as yolov5/ultralytics validate their EMA on CUDA
+    assert ema[1].lin.weight.dtype == torch.float32 and ema[0].weight.dtype == torch.float16
+    out = ema(x.half())
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
+    late = copy.deepcopy(plain_half)  # promoted after it was made half: its weights back to float32
+    promote(late[1])
+    assert late[1].lin.weight.dtype == torch.float32
+    torch.testing.assert_close(late(x.half()).float(), reference, atol=2e-2, rtol=2e-2)
+
+
+def test_a_promotion_reaches_the_runs_ema():
+    model = _overflowing_model()
+    ema = copy.deepcopy(model)
+    session = nanops.training.Session()
+    session.attach(model)
+    session.state_objects = lambda: {"model": model, "ema": ema, "optimizer": None}
+    assert session.promote(["1", "nowhere"]) == ["1"]
+    assert is_promoted(model[1]) and is_promoted(ema[1]) and session.promoted == ["1"]

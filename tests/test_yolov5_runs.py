@@ -225,3 +225,15 @@ def test_unknown_nanops_option_is_refused_before_training(capsys):
     assert main(["train", "--nanops-on-divergence", "panic"]) == 2
     assert "must be one of warn, stop, rollback" in capsys.readouterr().err
     assert main(["train", "--nanops-whatever"]) == 2
+
+
+def test_an_epoch_whose_every_batch_was_kept_out_has_no_training_loss_in_results_csv(data16):
+    # 4 batches an epoch: training forwards 4-7 are all of epoch 1's.
+    root, data = data16
+    with corrupt_forwards(4, 5, 6, 7):
+        opt = run(**flags(root, data, "kept-out-epoch", epochs=3))
+    ours = Path(opt.save_dir)
+    losses = train_losses(ours)
+    assert math.isfinite(losses[0]) and math.isfinite(losses[2])
+    assert math.isnan(losses[1])  # not the 0 yolov5's running mean was left at
+    assert all(math.isfinite(v) for v in val_losses(ours)) and finite_model(ours / "weights" / "last.pt")

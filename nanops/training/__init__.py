@@ -8,6 +8,8 @@ EMA or BatchNorm statistics, and the first non-finite module is named by replayi
     window.py      gradient-accumulation windows checked micro-batch by micro-batch
     divergence.py  a lost run noticed from the step's own numbers; policies warn/stop/rollback
     promote.py     a module whose float16 forward overflowed runs in float32 from then on
+    headroom.py    how close each module's float16 output is to 65504, sampled on the device
+    headroom_policy.py  a run's headroom read, reported and acted on (warn, promote, stop)
     snapshot.py    BatchNorm running statistics kept and restored on the device
     locate.py      replay of a skipped step (locate_step, locate_forward)
     watch.py       per-module NaN/Inf checks of forward outputs and backward gradients
@@ -23,6 +25,7 @@ from .checkpoints import TRUST_CHECKPOINTS, UntrustedCheckpoint, checkpoint_load
 from .divergence import POLICIES, DivergenceLimits, DivergenceWatch, Diverged
 from .global_hooks import forward_hook, forward_pre_hook
 from .guard import Guard, StepResult, guarded_step
+from .headroom import HEADROOM_CSV, HEADROOM_POLICIES, Headroom, HeadroomMonitor
 from .locate import RngState, locate_forward, locate_step
 from .promote import promote
 from .scaler import GradScaler
@@ -33,6 +36,8 @@ from .watch import Finding, Watch, watch
 from .window import MicroBatchWindow
 
 __all__ = [
+    "HEADROOM_CSV",
+    "HEADROOM_POLICIES",
     "POLICIES",
     "SKIPPED_CSV",
     "TRUST_CHECKPOINTS",
@@ -42,6 +47,8 @@ __all__ = [
     "Finding",
     "GradScaler",
     "Guard",
+    "Headroom",
+    "HeadroomMonitor",
     "MicroBatchWindow",
     "NormBufferSnapshot",
     "RngState",

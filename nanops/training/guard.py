@@ -35,6 +35,7 @@ from .. import _distributed
 from .._torch_private import loss_scale, record_found_inf, steps_with_found_inf
 from ..clip import clip_coef_for_fused_step, clip_grad_norm_
 from .divergence import DivergenceLimits
+from .headroom import Headroom
 from .session import Session
 from .skips import SkippedStep, SkipReport
 from .watch import Finding
@@ -231,7 +232,14 @@ class Guard:
     and `findings` holds the first rank's finding that names a module, with its rank.
     `process_group`: grads synchronised by hand over that group (not by DDP or FSDP2) have their
     found_inf all-reduced over it at each step. `save_dir`: replayed skips are also logged
-    (logger "nanops") and written to `<save_dir>/nanops_skipped_steps.csv`.
+    (logger "nanops") and written to `<save_dir>/nanops_skipped_steps.csv`, and the float16
+    headroom figures to `<save_dir>/nanops_headroom.csv`.
+
+    Under float16 AMP (an enabled scaler) one step in `headroom_every` is sampled for each
+    module's float16 headroom (nanops.training.HeadroomMonitor); at each divergence check the
+    modules within 8x of 65504 are reported with their growth, and `on_headroom` says what they
+    get: "warn", "promote" (float32 ahead of the overflow), "stop" (nanops.Diverged) or "off".
+    `headroom()` reads it at any point.
     """
 
     def __init__(
@@ -248,6 +256,8 @@ class Guard:
         promote_overflow: bool = True,
         process_group=None,
         save_dir: str | Path | None = None,
+        on_headroom: str = "warn",
+        headroom_every: int = 10,
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"Guard: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -259,7 +269,8 @@ class Guard:
         self.save_dir = save_dir
         report = SkipReport(logging.getLogger("nanops")) if save_dir is not None else None
         self.session = Session(on_divergence=on_divergence, limits=limits, rollback_every=check_every,
-                               promote_overflow=promote_overflow, report=report, log_everywhere=True)
+                               promote_overflow=promote_overflow, report=report, log_everywhere=True,
+                               on_headroom=on_headroom, headroom_every=headroom_every)
         self.session.attach(model, amp=scaler is not None and scaler.is_enabled())
         self.session.state_objects = lambda: {"model": self.model, "optimizer": self.optimizer,
                                               "scaler": self.scaler if self.session.amp else None}
@@ -343,15 +354,29 @@ class Guard:
             session.record(SkippedStep(self.epoch, index, result.finding, promoted=promoted, step=index),
                            self.save_dir)
         if session.total_steps % self.check_every == 0:
-            session.check()
+            session.check(save_dir=self.save_dir)
         self.begin()
         return result
 
     def epoch_end(self) -> None:
         """Optional: an epoch ended. The divergence watch is read (one host sync, every rank at
         once) and the epoch counted (skips record it)."""
-        self.session.check(f"(epoch {self.epoch})")
+        self.session.check(f"(epoch {self.epoch})", label=f"epoch {self.epoch}", save_dir=self.save_dir)
         self.epoch += 1
+
+    def headroom(self) -> list[Headroom]:
+        """Float16 headroom now (one host sync; a read period closes, as at a check): every
+        module output (and attention q·k/√d) that ran in float16 in the sampled steps since the
+        last read, tightest first, as a fraction of 65504 with its growth since the previous
+        read. Empty without float16 AMP, with on_headroom="off", or when no step was sampled
+        since the last read (then `session.headroom.latest` holds the last read's)."""
+        monitor = self.session.headroom
+        if monitor is None:
+            return []
+        monitor.read(label=f"step {self.total_steps}")
+        if self.save_dir is not None and monitor.history:
+            monitor.write_csv(self.save_dir)
+        return list(monitor.latest)
 
     def finish(self) -> None:
         """Optional: the run's summary line, and the CSV written, where `save_dir` was given."""

@@ -9,6 +9,7 @@ streams continue as if there had been no replay, and the replayed backward goes 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -53,12 +54,18 @@ class RngState:
 @contextlib.contextmanager
 def _replaying(model: nn.Module, rng_state: RngState | None):
     """Inside: the model's BatchNorm statistics and every RNG stream are free to change; on exit
-    they are as they were on entry. With `rng_state`, the RNG starts from it (the step's own)."""
+    they are as they were on entry. With `rng_state`, the RNG starts from it (the step's own).
+    Code compiled with torch.compile runs eagerly inside (torch's public stance): the replay's
+    module hooks fire, and nothing is recompiled for them."""
     snapshot = NormBufferSnapshot(model)
     snapshot.take()
     devices = sorted(set(cuda_devices(model)) | set(rng_state.cuda if rng_state else ()))
     try:
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), torch.compiler.set_stance("force_eager"), \
+                warnings.catch_warnings():
+            # torch warns that process-wide hooks also see the torch.compile wrapper: the replay's
+            # watch names only the model's own modules.
+            warnings.filterwarnings("ignore", message=r"Using `torch\.compile\(module\)` when there are global hooks")
             if rng_state is not None:
                 rng_state.restore()
             yield

@@ -4,14 +4,14 @@ AMP's float16.
 
 A promoted module's class is switched in place to a subclass whose forward runs the original one
 with autocast off and every 16-bit floating input cast up (positional, keyword, inside lists,
-tuples, dicts or dataclasses). The switch is the model's own: a deepcopy (an EMA) keeps it, a
+tuples, dicts or dataclasses); `.half()` leaves its weights in float32, so a half-precision
+validation copy runs it in float32 too (its output cast back to float16 for the rest). The switch is the model's own: a deepcopy (an EMA) keeps it, a
 pickle (a checkpoint) saves the original class, so files load without nanops; no process-wide
 hook is involved, and a new process starts unpromoted (a resumed run re-learns it at its first
 overflow).
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import weakref
 
@@ -34,21 +34,47 @@ def _cast_up(value):
     return value
 
 
+_LOW = (torch.float16, torch.bfloat16)
+
+
 class _RunsInFloat32(PicklesAsOriginal):
-    """The forward of a promoted module (first in its class's MRO)."""
+    """The forward of a promoted module (first in its class's MRO), and its float32 weights kept
+    through `.half()` / `.to(torch.float16)` (yolov5 and ultralytics validate a half copy)."""
 
     runs_in_float32 = True  # read by nanops' folded TransformerLayer: run this module as a module
 
     def forward(self, *args, **kwargs):
         leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        devices = {t.device.type for t in leaves} or {"cpu"}
-        if not any(torch.is_autocast_enabled(d) for d in devices):
-            return super().forward(*args, **kwargs)
-        with contextlib.ExitStack() as stack:
-            for d in devices:
-                stack.enter_context(torch.autocast(d, enabled=False))
-            args, kwargs = pytree.tree_map(_cast_up, (args, kwargs))
-            return super().forward(*args, **kwargs)
+        devices = sorted({t.device.type for t in leaves} or {"cpu"})
+        original = super().forward
+        autocast = any(torch.is_autocast_enabled(d) for d in devices)
+        low = next((t.dtype for t in leaves if t.dtype in _LOW), None)
+        if not autocast and low is None:
+            return original(*args, **kwargs)
+        args, kwargs = pytree.tree_map(_cast_up, (args, kwargs))
+        out = _without_autocast(devices, original, args, kwargs)
+        if autocast:
+            return out  # autocast casts it where the next op needs
+        # A half model without autocast: the rest of it takes its own dtype back.
+        return pytree.tree_map(lambda t: t.to(low) if isinstance(t, torch.Tensor) and t.dtype == torch.float32
+                               else t, out)
+
+    def _apply(self, fn, recurse=True):
+        def keep_float32(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.dtype in _LOW:
+                return t.to(out.device)  # moved as asked, not rounded
+            return out
+        return super()._apply(keep_float32, recurse)
+
+
+def _without_autocast(devices: list[str], forward, args, kwargs):
+    """forward(*args, **kwargs) with autocast off on every one of `devices` (nested `with`
+    blocks, which torch.compile traces, fullgraph included; an ExitStack it cannot)."""
+    if not devices:
+        return forward(*args, **kwargs)
+    with torch.autocast(devices[0], enabled=False):
+        return _without_autocast(devices[1:], forward, args, kwargs)
 
 
 def _promoted_class(cls: type) -> type:
@@ -60,11 +86,14 @@ def _promoted_class(cls: type) -> type:
 
 
 def promote(module: nn.Module) -> bool:
-    """Runs `module` in float32 under autocast from now on (its 16-bit floating inputs cast up).
-    Returns False when it was promoted already (or cannot be: a TorchScript module)."""
+    """Runs `module` in float32 under autocast from now on (its 16-bit floating inputs cast up),
+    and in a half model (`.half()` keeps its weights float32; its output is cast back to the
+    input's dtype). Returns False when it was promoted already (or cannot be: a TorchScript module)."""
     if is_promoted(module) or isinstance(module, torch.jit.ScriptModule):
         return False
     module.__class__ = _promoted_class(type(module))
+    if any(t.dtype in _LOW for t in list(module.parameters()) + list(module.buffers())):
+        module.float()  # a half copy (an EMA validated in half): its weights back to float32
     _promoted.add(module)
     return True
 

@@ -22,7 +22,8 @@ The events, in a loop's order (the framework wings call them from their trainer'
     session.locate(loss_fn, scale)       a skipped step replayed: (Finding, overflowing module)
     session.agree(finding, overflow)     ... the same on every rank, the overflow promoted
     session.record(SkippedStep(...))     ... logged and written
-    session.check(where)                 every N steps or at an epoch's end: divergence policy
+    session.check(where)                 every N steps or at an epoch's end: divergence policy,
+                                         the float16 headroom read and reported
     session.validation(ok, train_ok)     after a validation
     session.finish(save_dir, ...)        the summary line
 """
@@ -35,10 +36,13 @@ from pathlib import Path
 import torch
 
 from .. import _distributed
+from .._torch_private import uncompiled
 from ..ops import all_finite
 from .divergence import (POLICIES, DivergenceEvent, DivergenceLimits, DivergenceWatch, Diverged, LrFactor,
                          RollbackState, events_of_every_rank, likely_cause, message)
 from .global_hooks import forward_pre_hook
+from .headroom import HeadroomMonitor
+from .headroom_policy import HeadroomPolicy
 from .locate import RngState, cuda_devices, find_overflow, locate_step
 from .promote import promote_named
 from .skips import SkippedStep, SkipReport
@@ -65,6 +69,10 @@ class Session:
         warn: how a divergence or a promotion is said (default: warnings.warn).
         stop_note: added to the message of a stop.
         log_everywhere: say things on every rank (Guard), not on rank 0 alone (the trainers).
+        on_headroom: under float16 AMP, what a module near float16's limit gets (HeadroomMonitor,
+            read at each check): "warn", "promote" (run in float32 ahead of the overflow), "stop"
+            (nanops.Diverged with the diagnosis) or "off" (not watched).
+        headroom_every: the headroom monitor samples one optimizer step in this many.
     """
 
     def __init__(
@@ -79,9 +87,12 @@ class Session:
         stop_note: str | Callable[[], str] = "",
         log_everywhere: bool = False,
         what: str = "Guard",
+        on_headroom: str = "warn",
+        headroom_every: int = 10,
     ) -> None:
         if on_divergence not in POLICIES:
             raise ValueError(f"{what}: on_divergence must be one of {POLICIES}, got {on_divergence!r}")
+        self.headroom_policy = HeadroomPolicy(on_headroom, headroom_every, what)
         self.on_divergence = on_divergence
         self.limits = limits
         self.rollback_every = rollback_every
@@ -123,13 +134,14 @@ class Session:
         self.model = model
         self.window = None
         self._rng_devices = None
+        self.headroom_policy.drop()
         if amp is not None:
             self.amp = amp
 
     @property
     def module(self) -> torch.nn.Module:
-        """The trained model without its DDP wrapper."""
-        return _distributed.unwrap(self.model)
+        """The trained model without its DDP or torch.compile wrappers (the names its user knows)."""
+        return uncompiled(_distributed.unwrap(uncompiled(self.model)))
 
     @property
     def world_size(self) -> int:
@@ -161,6 +173,8 @@ class Session:
         if self._rng_devices is None:  # a walk over the model costs ms: once per run
             self._rng_devices = cuda_devices(self.model)
         self._rng = RngState.capture(self._rng_devices)
+        if self.amp:
+            self.headroom_policy.begin(self)
 
     def micro_batch(self, loss: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
         """A micro-batch's loss (and logged loss items), checked on the device; a non-finite one
@@ -184,6 +198,13 @@ class Session:
             self.window.new_epoch()
 
     @property
+    def headroom(self) -> HeadroomMonitor | None:
+        """The float16 headroom monitor (made at an AMP run's first batch; None before, or off)."""
+        return self.headroom_policy.monitor
+
+    headroom_notes = property(lambda self: self.headroom_policy.notes)
+
+    @property
     def rng_state(self) -> RngState | None:
         return self._rng
 
@@ -200,6 +221,7 @@ class Session:
             # Known on the host: restore or take, no device math; else decided on the device.
             self._window().settle_step(found_inf if skipped is None else skipped)
         self._window_flag = None
+        self.headroom_policy.stepped(found_inf, skipped)
         self.divergence.record(found_inf, loss, norm, scale)
         if skipped:
             self._skip_places[self.total_steps] = place
@@ -250,9 +272,19 @@ class Session:
             overflows = [name for _, name in ranks if name is not None]
         else:
             overflows = [overflow] if overflow is not None else []
-        now = promote_named(self.module, overflows)
+        return finding, self.promote(overflows)
+
+    def promote(self, names: list[str]) -> list[str]:
+        """The modules of these names run in float32 from now on, in the trained model and in
+        its copies the run keeps (an EMA: validated, and saved, from it). Returns those promoted
+        now."""
+        now = promote_named(self.module, names)
+        model = self.module
+        for obj in self.state_objects().values():
+            if isinstance(obj, torch.nn.Module) and uncompiled(_distributed.unwrap(obj)) is not model:
+                promote_named(uncompiled(_distributed.unwrap(obj)), now)
         self.promoted += now
-        return finding, now
+        return now
 
     def record(self, skip: SkippedStep, save_dir: Path | str | None = None) -> None:
         """A skip, kept in `skips`; logged and written to save_dir's CSV on the main rank."""
@@ -272,12 +304,16 @@ class Session:
         return self.skips[-1] if self.skips else None
 
     # --- the run's health -------------------------------------------------------------------
-    def check(self, where: str = "", *, collective: bool = True) -> None:
-        """Reads the divergence watch (one host sync) and applies the policy to what it found.
-        collective: every rank reads at the same point (a stop or rollback taken by one replica
-        alone would hang or split the others)."""
+    def check(self, where: str = "", *, collective: bool = True, unit: str = "step", label: str | None = None,
+              save_dir: Path | str | None = None) -> None:
+        """Reads the divergence watch (one host sync) and applies the policy to what it found,
+        then the float16 headroom (its figures to save_dir's CSV; `unit`, `label`: what one read
+        period is, as HeadroomMonitor.read). collective: every rank reads at the same point (a
+        stop, rollback or promotion taken by one replica alone would hang or split the others)."""
         events = self.divergence.read()
         self._handle(events_of_every_rank(events) if collective else events, where)
+        self.headroom_policy.read(self, unit, label, save_dir, collective)
+
 
     def validation(self, val_finite: bool, train_finite: bool, where: str = "", val_loss: float | None = None,
                    train_loss: float | None = None) -> None:
@@ -330,6 +366,7 @@ class Session:
                notes: list[str] = ()) -> None:
         """The summary line (and the CSV once more), on the main rank."""
         notes = list(notes)
+        self.headroom_policy.drop()
         if self.promoted:
             notes.append(f"Run in float32 after a float16 overflow: {', '.join(self.promoted)}.")
         if self.report is not None and self.main_rank:
@@ -346,3 +383,4 @@ class Session:
                     and args and isinstance(args[0], (dict, torch.Tensor))):
                 self.last_input = args[0]
         return forward_pre_hook(remember)
+

@@ -98,6 +98,11 @@ class MicroBatchWindow:
         """Takes the current BatchNorm statistics as the state to restore (after a rollback)."""
         self._snapshot.take()
 
+    def counted_nothing(self) -> bool:
+        """Whether this epoch's loss items were all kept out (one sync; False before any check):
+        the caller's running mean then shows a placeholder, not a loss."""
+        return self._count is not None and not bool(self._count)
+
     def new_epoch(self) -> None:
         self._mean = self._shown = self._count = self._seen_bad = None
         self._index = 0

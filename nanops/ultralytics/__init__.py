@@ -39,7 +39,7 @@ import torch
 from .. import patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
-from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
+from ..training import HEADROOM_POLICIES, POLICIES, GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 # A YOLOv8n with a C3TR block (yolov5's TransformerLayer): YOLO(nanops.ultralytics.YOLOV8N_C3TR).
@@ -50,14 +50,16 @@ class Protection:
     """The nanops state of one ultralytics YOLO object's trainings: ultralytics' callbacks and its
     trainer's optimizer_step, translated into nanops.training.Session's events."""
 
-    def __init__(self, on_divergence: str = "warn") -> None:
+    def __init__(self, on_divergence: str = "warn", on_headroom: str = "warn") -> None:
         from ultralytics.utils import LOGGER
 
         if on_divergence not in POLICIES:
             raise ValueError(f"protect: on_divergence must be one of {', '.join(POLICIES)}, got {on_divergence!r}")
+        if on_headroom not in HEADROOM_POLICIES:
+            raise ValueError(f"protect: on_headroom must be one of {', '.join(HEADROOM_POLICIES)}, got {on_headroom!r}")
         self.report = SkipReport(LOGGER)
         self.session = Session(on_divergence=on_divergence, report=self.report, warn=LOGGER.warning,
-                               what="protect")
+                               what="protect", on_headroom=on_headroom)
         self.scaler: GradScaler | None = None
         self._trainer = None
         self._hook = None
@@ -68,6 +70,7 @@ class Protection:
     # What the caller reads.
     promoted = property(lambda self: self.session.promoted)
     divergences = property(lambda self: self.session.divergences)
+    headroom_notes = property(lambda self: self.session.headroom_notes)
     skips = property(lambda self: self.session.skips)
 
     def __getstate__(self) -> dict:
@@ -149,7 +152,8 @@ class Protection:
         return finding, overflow, True
 
     def on_train_epoch_end(self, trainer) -> None:
-        self.session.check(f"(epoch {int(trainer.epoch)})")
+        epoch = int(trainer.epoch)
+        self.session.check(f"(epoch {epoch})", unit="epoch", label=f"epoch {epoch}", save_dir=trainer.save_dir)
 
     def on_fit_epoch_end(self, trainer) -> None:
         # The epoch's validation: its losses against the epoch's training loss (ultralytics'
@@ -218,14 +222,17 @@ class Protection:
         self.session.last_input = None
 
 
-def protect(model, on_divergence: str = "warn") -> Protection:
+def protect(model, on_divergence: str = "warn", on_headroom: str = "warn") -> Protection:
     """Protects every later `model.train(...)` of an `ultralytics.YOLO` (or RTDETR) object;
     returns the Protection, whose `skips` lists the skipped steps of the latest training
     (SkippedStep), `promoted` the modules run in float32 after a float16 overflow and
     `divergences` the messages of a lost run (on_divergence="rollback" restores the last healthy
     model, EMA, optimizer and scaler with the lr divided by 10; "stop" raises nanops.Diverged at
-    the epoch's end)."""
-    protection = Protection(on_divergence)
+    the epoch's end). Under float16 AMP each module's float16 headroom is sampled and read at
+    each epoch's end (`<save_dir>/nanops_headroom.csv`); modules within 8x of 65504 are reported
+    with their trend, and `on_headroom` says what they get: "warn", "promote" (float32 ahead of
+    the overflow), "stop" or "off"."""
+    protection = Protection(on_divergence, on_headroom)
     for event in ("on_pretrain_routine_start", "on_pretrain_routine_end", "on_train_batch_start",
                   "on_train_batch_end", "on_train_epoch_end", "on_fit_epoch_end", "on_train_end", "teardown"):
         model.add_callback(event, getattr(protection, event))

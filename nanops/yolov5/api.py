@@ -15,6 +15,7 @@ from .shims import prepare_environment, quiet_yolov5_import
 from .swaps import installed
 
 POLICY_ENV = "NANOPS_ON_DIVERGENCE"
+HEADROOM_ENV = "NANOPS_ON_HEADROOM"
 
 
 @contextlib.contextmanager
@@ -28,10 +29,10 @@ def argv(args: list[str]) -> Iterator[None]:
         sys.argv = saved
 
 
-def protected_main(opt, on_divergence: str = "warn") -> Protection:
+def protected_main(opt, on_divergence: str = "warn", on_headroom: str = "warn") -> Protection:
     """yolov5.train.main(opt) under nanops; returns the run's Protection."""
     yolov5_train = quiet_yolov5_import("yolov5.train")
-    protection = Protection(opt, on_divergence)
+    protection = Protection(opt, on_divergence, on_headroom)
     with installed(protection):
         yolov5_train.main(opt, callbacks=protection.callbacks())
     return protection
@@ -50,15 +51,18 @@ def options(kwargs: dict):
 
 def run(**kwargs) -> object:
     """yolov5.train.run(**kwargs) protected by nanops (`nanops_on_divergence`: warn, stop or
-    rollback); returns yolov5's opt namespace with `nanops_skipped` (SkippedStep list),
-    `nanops_unsaved`, `nanops_promoted` and `nanops_divergences` added."""
+    rollback; `nanops_on_headroom`: warn, promote, stop or off); returns yolov5's opt namespace
+    with `nanops_skipped` (SkippedStep list), `nanops_unsaved`, `nanops_promoted`,
+    `nanops_divergences` and `nanops_headroom` (the headroom reports) added."""
     policy = kwargs.pop("nanops_on_divergence", os.environ.get(POLICY_ENV, "warn"))
-    protection = protected_main(options(kwargs), policy)
+    headroom = kwargs.pop("nanops_on_headroom", os.environ.get(HEADROOM_ENV, "warn"))
+    protection = protected_main(options(kwargs), policy, headroom)
     used = protection.opt  # yolov5 builds a new opt on --resume
     used.nanops_skipped = protection.skips
     used.nanops_unsaved = protection.unsaved
     used.nanops_promoted = protection.promoted
     used.nanops_divergences = protection.divergences
+    used.nanops_headroom = protection.headroom_notes
     return used
 
 

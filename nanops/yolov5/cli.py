@@ -7,12 +7,18 @@ import os
 import pickle
 import sys
 
-from ..training import POLICIES, Diverged, UntrustedCheckpoint
-from .api import POLICY_ENV, argv, protected_main
+from ..training import HEADROOM_POLICIES, POLICIES, Diverged, UntrustedCheckpoint
+from .api import HEADROOM_ENV, POLICY_ENV, argv, protected_main
 from .shims import prepare_environment, quiet_yolov5_import
 
-OWN_FLAGS_HELP = (f"--nanops-on-divergence {{{','.join(POLICIES)}}}: what a diverging run gets (default: "
-                  f"${POLICY_ENV}, else warn)")
+# nanops' own flags: name -> (choices, environment variable with the default, what it sets)
+OWN_FLAGS = {
+    "--nanops-on-divergence": (POLICIES, POLICY_ENV, "what a diverging run gets"),
+    "--nanops-on-headroom": (HEADROOM_POLICIES, HEADROOM_ENV,
+                             "what a module near float16's limit under AMP gets (read each epoch)"),
+}
+OWN_FLAGS_HELP = "\n  ".join(f"{flag} {{{','.join(choices)}}}: {what} (default: ${env}, else warn)"
+                             for flag, (choices, env, what) in OWN_FLAGS.items())
 
 
 def main(args: list[str]) -> int:
@@ -25,16 +31,16 @@ def main(args: list[str]) -> int:
               file=sys.stderr)
         return 2
     try:
-        policy, args = own_flags(args)
+        (policy, headroom), args = own_flags(args)
     except ValueError as err:
         print(f"nanops train: {err}", file=sys.stderr)
         return 2
     if "-h" in args or "--help" in args:
-        print(f"nanops' own option (before yolov5's, which follow):\n  {OWN_FLAGS_HELP}\n")
+        print(f"nanops' own options (before yolov5's, which follow):\n  {OWN_FLAGS_HELP}\n")
     with argv(["nanops train", *args]):
         opt = yolov5_train.parse_opt()  # yolov5's own parser: unknown flags get its usage and exit 2
     try:
-        protection = protected_main(opt, policy)
+        protection = protected_main(opt, policy, headroom)
     except UntrustedCheckpoint as err:  # one line: the file, what it names, the opt-out
         print(err, file=sys.stderr)
         return 2
@@ -53,26 +59,28 @@ def main(args: list[str]) -> int:
     return 0
 
 
-def own_flags(args: list[str]) -> tuple[str, list[str]]:
+def own_flags(args: list[str]) -> tuple[tuple[str, str], list[str]]:
     """nanops' own options, taken out before yolov5's parser sees the rest; all start with
-    --nanops- so they can never clash with a yolov5 flag. --nanops-on-divergence warn|stop|rollback
-    (default: $NANOPS_ON_DIVERGENCE, else warn)."""
-    policy = os.environ.get(POLICY_ENV, "warn")
+    --nanops- so they can never clash with a yolov5 flag. Returns ((on_divergence, on_headroom),
+    the other arguments); each defaults to its environment variable, else warn."""
+    values = {flag: os.environ.get(env, "warn") for flag, (_, env, _) in OWN_FLAGS.items()}
     rest, i = [], 0
     while i < len(args):
         arg = args[i]
-        if arg == "--nanops-on-divergence" or arg.startswith("--nanops-on-divergence="):
+        flag = arg.split("=", 1)[0]
+        if flag in OWN_FLAGS:
             if "=" in arg:
-                policy = arg.split("=", 1)[1]
+                values[flag] = arg.split("=", 1)[1]
             elif i + 1 < len(args):
-                policy, i = args[i + 1], i + 1
+                values[flag], i = args[i + 1], i + 1
             else:
-                raise ValueError("--nanops-on-divergence needs a value: warn, stop or rollback")
+                raise ValueError(f"{flag} needs a value: {', '.join(OWN_FLAGS[flag][0])}")
         elif arg.startswith("--nanops-"):
-            raise ValueError(f"unknown nanops option {arg} (there is --nanops-on-divergence)")
+            raise ValueError(f"unknown nanops option {arg} (there are {', '.join(OWN_FLAGS)})")
         else:
             rest.append(arg)
         i += 1
-    if policy not in POLICIES:
-        raise ValueError(f"--nanops-on-divergence must be one of {', '.join(POLICIES)}, got {policy!r}")
-    return policy, rest
+    for flag, value in values.items():
+        if value not in OWN_FLAGS[flag][0]:
+            raise ValueError(f"{flag} must be one of {', '.join(OWN_FLAGS[flag][0])}, got {value!r}")
+    return (values["--nanops-on-divergence"], values["--nanops-on-headroom"]), rest

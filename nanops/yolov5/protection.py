@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport
+from ..training import HEADROOM_POLICIES, POLICIES, GradScaler, Session, SkippedStep, SkipReport
 from .hyp import run_hyp_warnings
 from .saving import FiniteCheckpoints, suspect_images, weights_on_disk
 from .shims import quiet_yolov5_import, yolov5_callbacks
@@ -30,16 +30,19 @@ class Protection:
     """One protected `yolov5 train` run (every --evolve generation, a --resume): the Session and
     what yolov5 hands over (model, scaler, loss, optimizer, EMA)."""
 
-    def __init__(self, opt, on_divergence: str = "warn") -> None:
+    def __init__(self, opt, on_divergence: str = "warn", on_headroom: str = "warn") -> None:
         if on_divergence not in POLICIES:
             raise ValueError(f"nanops train: --nanops-on-divergence must be one of {', '.join(POLICIES)}, got "
                              f"{on_divergence!r}")
+        if on_headroom not in HEADROOM_POLICIES:
+            raise ValueError(f"nanops train: --nanops-on-headroom must be one of {', '.join(HEADROOM_POLICIES)}, "
+                             f"got {on_headroom!r}")
         self.opt = opt  # replaced by the opt train() is given (main rebuilds it on --resume)
         logger = quiet_yolov5_import("yolov5.utils.general").LOGGER
         self.report = SkipReport(logger)
         self.session = Session(on_divergence=on_divergence, report=self.report, warn=logger.warning,
                                stop_note=lambda: f" Stopping (--nanops-on-divergence stop); {self.weights_on_disk()}.",
-                               what="nanops train")
+                               what="nanops train", on_headroom=on_headroom)
         self.session.state_objects = self._state_objects
         self.generation = -1
         self.epoch = -1
@@ -64,6 +67,7 @@ class Protection:
     skips = property(lambda self: self.session.skips)
     promoted = property(lambda self: self.session.promoted)
     divergences = property(lambda self: self.session.divergences)
+    headroom_notes = property(lambda self: self.session.headroom_notes)
 
     # --- train(), the model, the scaler, the loss: called through the swapped names -----------
     def begin_run(self, hyp, opt) -> None:
@@ -223,9 +227,16 @@ class Protection:
 
     def on_train_epoch_end(self, epoch) -> None:
         # yolov5 runs its epoch-end callbacks on rank 0 alone: no collective.
-        self.session.check(f"(epoch {self.epoch})", collective=False)
+        self.session.check(f"(epoch {self.epoch})", collective=False, unit="epoch", label=f"epoch {self.epoch}",
+                           save_dir=self.opt.save_dir)
 
     def on_fit_epoch_end(self, log_vals, epoch, best_fitness, fi) -> None:
+        # Registered before yolov5's loggers (Callbacks() is made before train() adds them): an
+        # epoch whose every batch was kept out has no training loss, and results.csv says nan,
+        # not the 0 yolov5's running mean was left at.
+        window = self.session.window
+        if window is not None and window.counted_nothing():
+            log_vals[:3] = [float("nan")] * 3
         values = [float(v) for v in log_vals[:10]]
         train_finite = all(math.isfinite(v) for v in values[:3])
         val_finite = all(math.isfinite(v) for v in values[7:10])
