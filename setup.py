@@ -183,6 +183,10 @@ setup(
     extras_require={
         "yolov5": ["yolov5==7.0.14", "setuptools>=77.0.3,<81", "numpy>=2,<2.4", "pillow<10", "matplotlib"],
         "export": ["onnx", "onnxscript"],
+        # Versions that live beside yolov5 7.0.14 in one environment (shared/environment.md).
+        "lightning": ["lightning>=2.4,<3"],
+        "timm": ["timm>=1.0,<2"],
+        "huggingface": ["accelerate>=1.0,<2", "transformers>=4.40,<5", "huggingface_hub<0.25"],
     },
     zip_safe=False,
 )

@@ -17,6 +17,7 @@ TOOLS = 3
 TOP = 4
 
 
+WINGS = ("yolov5", "ultralytics", "lightning", "timm", "huggingface")  # one per framework
 OPS_MODULES = ("ops", "clip", "grad_norms", "attention", "fused_attention", "transformer_layer", "nn", "patching", "_loader",
                "_fallback", "_distributed", "_torch_private", "_C")
 
@@ -30,7 +31,7 @@ def _layer(module: str) -> int:
         return OPS
     if head == "training":
         return TRAINING
-    if head in ("yolov5", "ultralytics"):
+    if head in WINGS:
         return FRAMEWORK
     if head == "tools":
         return TOOLS
@@ -79,7 +80,7 @@ SOURCES = sorted(PACKAGE.rglob("*.py"))
 def test_every_module_has_a_layer():
     assert len(SOURCES) > 20
     heads = {_module_name(p).split(".")[1] for p in SOURCES if "." in _module_name(p)}
-    assert heads <= {*OPS_MODULES, "training", "yolov5", "ultralytics", "tools", "cli", "__main__"}, heads
+    assert heads <= {*OPS_MODULES, "training", *WINGS, "tools", "cli", "__main__"}, heads
 
 
 @pytest.mark.parametrize("path", SOURCES, ids=lambda p: str(p.relative_to(PACKAGE)))
@@ -89,7 +90,7 @@ def test_imports_point_down_the_layers(path):
     for line, target in _imports(path):
         if _layer(target) > _layer(here):
             wrong.append(f"{path.name}:{line} imports {target}")
-        # The two framework wings stay independent of each other.
+        # The framework wings stay independent of each other.
         if _layer(here) == FRAMEWORK and _layer(target) == FRAMEWORK and target.split(".")[1] != here.split(".")[1]:
             wrong.append(f"{path.name}:{line} imports the other wing {target}")
     assert not wrong, wrong
@@ -114,6 +115,9 @@ PUBLIC = {
                       "SKIPPED_CSV", "SkippedStep"],
     "nanops.yolov5.cli": ["main"],
     "nanops.ultralytics": ["protect"],
+    "nanops.lightning": ["Protect", "PRECISIONS"],
+    "nanops.timm": ["NativeScaler"],
+    "nanops.huggingface": ["protect", "Protection"],
     "nanops.tools.doctor": ["check_labels", "check_hyp", "find_label_files", "write_fixed_copies", "DoctorError"],
     "nanops.tools.demo": ["run_demo"],
     "nanops.tools.synthetic": ["write_yolo_dataset"],
@@ -144,8 +148,9 @@ def test_import_nanops_loads_no_framework_code():
     import sys
 
     code = ("import sys, nanops; nanops.all_finite([]); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yolov5', 'ultralytics') "
-            "or m.startswith(('nanops.yolov5', 'nanops.ultralytics', 'nanops.tools'))))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('yolov5', 'ultralytics', 'lightning', "
+            "'timm', 'transformers', 'accelerate') or m.startswith(('nanops.yolov5', 'nanops.ultralytics', "
+            "'nanops.lightning', 'nanops.timm', 'nanops.huggingface', 'nanops.tools'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]", out
 

@@ -1,6 +1,8 @@
 """One contract for every wing of the protection engine (nanops.training.Session): Guard in a
-hand-written loop, yolov5's own train.py under nanops, ultralytics' trainer under protect(). A new
-trainer adapter adds its runner to RUNNERS and must pass the same tests.
+hand-written loop, yolov5's own train.py under nanops, ultralytics' trainer under protect(),
+Lightning under nanops.lightning.Protect, timm's step with nanops.timm.NativeScaler, an Accelerate
+loop under nanops.huggingface.protect. A new trainer adapter adds its runner to RUNNERS and must
+pass the same tests.
 
   * one corrupt batch: one skip recorded (SkippedStep naming the first non-finite module), the
     BatchNorm statistics and the EMA at the next batch exactly as before the corrupt one, one CSV
@@ -186,12 +188,120 @@ def run_ultralytics(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Out
     return Outcome(protection.skips, _rows(trainer.save_dir), probe, finite, protection.divergences)
 
 
-RUNNERS = {"guard": run_guard, "yolov5": run_yolov5, "ultralytics": run_ultralytics}
+def _contract_data():
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 2, (4,), generator=g)) for _ in range(6)]
+
+
+class _Epochs(torch.utils.data.Dataset):
+    """Each epoch's batches from its own copies (max_epochs=2 reads the first or second half)."""
+
+    def __init__(self, batches):
+        self.batches, self.epoch = batches, -1
+
+    def __len__(self):
+        return len(self.batches) // 2
+
+    def __getitem__(self, i):
+        if i == 0:
+            self.epoch += 1
+        return self.batches[self.epoch * len(self) + i]
+
+
+def run_lightning(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
+    L = pytest.importorskip("lightning")
+    import nanops.lightning
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = _Net()
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch  # a fresh copy each epoch (below): the probe's Inf stays in this batch
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    module = Module()
+    protect = nanops.lightning.Protect(on_divergence, check_every=2)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", callbacks=[protect], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    probe = Probe(_Net, corrupt)
+    with probe.installed():
+        batches = _contract_data()
+        fresh = [(x.clone(), y) for _ in range(2) for x, y in batches]  # epoch by epoch, as a loader makes them
+        trainer.fit(module, torch.utils.data.DataLoader(_Epochs(fresh), batch_size=None))
+    finite = all(bool(torch.isfinite(t).all()) for t in _floats(module).values())
+    return Outcome(protect.skips, _rows(tmp_path), probe, finite, protect.divergences)
+
+
+def run_timm(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
+    timm_utils = pytest.importorskip("timm.utils")
+    import nanops.timm
+
+    torch.manual_seed(0)
+    model = _Net()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    ema = timm_utils.ModelEmaV3(model, decay=0.9)
+    loss_scaler = nanops.timm.NativeScaler(model, device="cpu", enabled=False, ema=ema, on_divergence=on_divergence,
+                                           check_every=2, save_dir=tmp_path)
+    probe = Probe(_Net, corrupt, lambda: ema.module)
+    with probe.installed():
+        for epoch in range(2):  # timm's train_one_epoch, reduced to its step
+            loss_scaler.epoch = epoch
+            for i, (x, y) in enumerate(_contract_data()):
+                loss = torch.nn.functional.cross_entropy(model(x.clone()), y)
+                loss_scaler(loss, optimizer, clip_grad=10.0, clip_mode="norm", parameters=model.parameters())
+                optimizer.zero_grad()
+                ema.update(model, step=i)
+    loss_scaler.close()
+    finite = all(bool(torch.isfinite(t).all()) for t in _floats(model).values())
+    return Outcome(loss_scaler.skips, _rows(tmp_path), probe, finite, loss_scaler.session.divergences)
+
+
+def run_accelerate(tmp_path: Path, corrupt, on_divergence: str = "warn") -> Outcome:
+    accelerate = pytest.importorskip("accelerate")
+    from accelerate.state import AcceleratorState, GradientState
+
+    import nanops.huggingface
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.manual_seed(0)
+    model = _Net()
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9),
+                                              use_buffers=True)
+    accelerator = accelerate.Accelerator(cpu=True)
+    protection = nanops.huggingface.protect(accelerator, on_divergence=on_divergence, check_every=2,
+                                            save_dir=tmp_path)
+    model, optimizer = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+    probe = Probe(_Net, corrupt, lambda: ema.module)
+    with probe.installed():
+        for _ in range(2):
+            for x, y in _contract_data():
+                loss = torch.nn.functional.cross_entropy(model(x.clone()), y)
+                accelerator.backward(loss)
+                accelerator.clip_grad_norm_(model.parameters(), 10.0)
+                optimizer.step()
+                optimizer.zero_grad()
+                if not accelerator.optimizer_step_was_skipped:
+                    ema.update_parameters(model)
+    protection.close()
+    finite = all(bool(torch.isfinite(t).all()) for t in _floats(model).values())
+    return Outcome(protection.skips, _rows(tmp_path), probe, finite, protection.divergences)
+
+
+RUNNERS = {"guard": run_guard, "yolov5": run_yolov5, "ultralytics": run_ultralytics, "lightning": run_lightning,
+           "timm": run_timm, "accelerate": run_accelerate}
 SLOW = {"yolov5", "ultralytics"}
+ROLLBACK = {"guard", "yolov5", "ultralytics"}  # the others refuse "rollback" (a ValueError at construction)
 
 
-def _wings():
-    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in RUNNERS]
+def _wings(names=None):
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else []) for name in names or RUNNERS]
 
 
 # --- the contract --------------------------------------------------------------------------------
@@ -220,7 +330,7 @@ def test_a_run_that_cannot_take_a_step_any_more_fires_the_divergence_policy(wing
         RUNNERS[wing](tmp_path, lambda i: i >= 1, on_divergence="stop")
 
 
-@pytest.mark.parametrize("wing", _wings())
+@pytest.mark.parametrize("wing", _wings(ROLLBACK))
 def test_rollback_restores_a_healthy_state_and_the_run_trains_on(wing, tmp_path, monkeypatch):
     # Batches 1-3 corrupt: a run of skipped steps (2 make a divergence here), rolled back to the
     # state after the first healthy step; the run then finishes with finite weights.

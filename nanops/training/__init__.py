@@ -26,7 +26,7 @@ from .divergence import POLICIES, DivergenceLimits, DivergenceWatch, Diverged
 from .global_hooks import forward_hook, forward_pre_hook
 from .guard import Guard, StepResult, guarded_step
 from .headroom import HEADROOM_CSV, HEADROOM_POLICIES, Headroom, HeadroomMonitor
-from .locate import RngState, locate_forward, locate_step
+from .locate import RngState, cuda_devices, locate_forward, locate_step
 from .promote import promote
 from .scaler import GradScaler
 from .session import Session
@@ -59,6 +59,7 @@ __all__ = [
     "UntrustedCheckpoint",
     "Watch",
     "checkpoint_loading",
+    "cuda_devices",
     "forward_hook",
     "forward_pre_hook",
     "guarded_step",

@@ -235,16 +235,19 @@ class Session:
         return not params or bool(all_finite(params))
 
     def locate(self, loss_fn: LossFn, *, loss_scale: torch.Tensor | float | None = None,
-               parameters: list[torch.Tensor] | None = None) -> tuple[Finding | None, str | None]:
+               parameters: list[torch.Tensor] | None = None,
+               rng_state: RngState | None = None) -> tuple[Finding | None, str | None]:
         """The skipped step replayed on this rank's module alone (no collective), from the batch's
         RNG state: where it first went non-finite (None: not reproduced) and, under AMP, the
         module whose float16 forward overflowed from finite inputs (else None). A replay that
-        raises is the finding: it never stops the training it reports on."""
+        raises is the finding: it never stops the training it reports on. `rng_state`: where
+        the replayed micro-batch's forward started (default: the batch's, from begin_batch)."""
         module = self.module
+        rng = rng_state if rng_state is not None else self._rng
         try:
             with _distributed.local_forward(self.model):
                 finding = locate_step(module, loss_fn, parameters=parameters, loss_scale=loss_scale,
-                                      rng_state=self._rng)
+                                      rng_state=rng)
         except Exception as err:
             return Finding.replay_failed(err), None
         if finding is not None:
@@ -252,7 +255,7 @@ class Session:
         overflow = None
         if self.amp and self.promote_overflow and finding is not None:
             with _distributed.local_forward(self.model):
-                found = find_overflow(module, finding, loss_fn, self._rng)
+                found = find_overflow(module, finding, loss_fn, rng)
             overflow = found[0] if found is not None else None
         return finding, overflow
 
