@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from .. import patching
@@ -41,6 +41,7 @@ from ..clip import clip_grad_norm_
 from ..training import POLICIES, DivergenceLimits, GradScaler, Session, SkippedStep, SkipReport
 
 PRECISIONS = ("32-true", "16-mixed", "bf16-mixed")
+_LIGHTNING_PLUGINS = (Precision, MixedPrecision)  # what Lightning picks for PRECISIONS: nanops' goes in their place
 LOGGER = logging.getLogger("lightning.pytorch")
 
 
@@ -239,15 +240,6 @@ class Protect(Callback):
     def _save_dir(self) -> Path:
         trainer = self._trainer
         return Path(trainer.log_dir or trainer.default_root_dir) if trainer is not None else Path(".")
-
-
-def _lightning_plugins() -> tuple[type, ...]:
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
-    return (Precision, MixedPrecision)
-
-
-_LIGHTNING_PLUGINS = _lightning_plugins()
 
 
 @contextlib.contextmanager
