@@ -358,3 +358,109 @@ def ddp_divergence(rank: int, world: int) -> dict:
             stopped_at = step
             break
     return {"stopped_at": torch.tensor(stopped_at)}
+
+
+# --- an Accelerate loop under nanops.huggingface.protect ---------------------------------------
+def accelerate_ddp(rank: int, world: int) -> dict:
+    """The same global batches through Accelerate's own DDP (MULTI_CPU over this gloo group),
+    protected; rank 1's BAD_STEP batch has an Inf pixel."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    import accelerate
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    import nanops.huggingface
+
+    model = make_model()
+    accelerator = accelerate.Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(
+        broadcast_buffers=False)])  # each rank's BatchNorm statistics its own, as ddp_reference
+    protection = nanops.huggingface.protect(accelerator)
+    ddp, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), "sgd"))
+    skipped, bn_before_bad, bn_after_bad = [], None, None
+    for step, (x, y) in enumerate(global_batches()):
+        xs, ys = corrupt(x[rank * BATCH:(rank + 1) * BATCH], rank, step), y[rank * BATCH:(rank + 1) * BATCH]
+        if step == BAD_STEP:
+            bn_before_bad = bn_buffers(model)
+        accelerator.backward(torch.nn.functional.mse_loss(ddp(xs), ys))
+        accelerator.clip_grad_norm_(ddp.parameters(), 10.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        skipped.append(accelerator.optimizer_step_was_skipped)
+        if step == BAD_STEP:
+            bn_after_bad = bn_buffers(model)
+    protection.close()
+    out = state(model, optimizer.optimizer)
+    out["skipped"] = torch.tensor(skipped)
+    out.update({f"before_bad.{k}": v for k, v in bn_before_bad.items()})
+    out.update({f"after_bad.{k}": v for k, v in bn_after_bad.items()})
+    out["finding_names"] = [f"{s.first_nonfinite}" for s in protection.skips]
+    out["distributed_type"] = str(accelerator.distributed_type)
+    return out
+
+
+# --- a Lightning fit under nanops.lightning.Protect ---------------------------------------------
+def lightning_ddp(rank: int, world: int) -> dict:
+    """The same global batches through Lightning's own DDP strategy (this gloo group, launched
+    outside Lightning), protected; rank 1's BAD_STEP batch has an Inf pixel."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NODE_RANK="0")
+    import lightning as L
+
+    import nanops.lightning
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = make_model()
+            self.skipped: list[bool] = []
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.mse_loss(self.net(x), y)
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.skipped.append(protect.scaler.last_step_skipped)
+
+        def configure_optimizers(self):
+            return make_optimizer(self.parameters(), "sgd")
+
+    class Batches(torch.utils.data.Dataset):  # rank r's rows of each global batch, in order
+        def __len__(self):
+            return STEPS
+
+        def __getitem__(self, step):
+            x, y = global_batches()[step]
+            return corrupt(x[rank * BATCH:(rank + 1) * BATCH], rank, step), y[rank * BATCH:(rank + 1) * BATCH]
+
+    protect = nanops.lightning.Protect()
+    module = Module()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=world, strategy=L.pytorch.strategies.DDPStrategy(
+        broadcast_buffers=False), gradient_clip_val=10.0, callbacks=[protect], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+    trainer.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
+    out = state(module.net, trainer.optimizers[0])
+    out["skipped"] = torch.tensor(module.skipped)
+    out["finding_names"] = [s.first_nonfinite for s in protect.skips]
+    return out
+
+
+# --- timm's step with nanops.timm.NativeScaler over DDP -------------------------------------------
+def timm_ddp(rank: int, world: int) -> dict:
+    """timm train.py's step over a DDP model (its loss_scaler call, clip 10), protected; rank 1's
+    BAD_STEP batch has an Inf pixel."""
+    import nanops.timm
+
+    model = make_model()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    optimizer = make_optimizer(ddp.parameters(), "sgd")
+    loss_scaler = nanops.timm.NativeScaler(ddp, device="cpu", enabled=False)
+    skipped = []
+    for step, (x, y) in enumerate(global_batches()):
+        xs, ys = corrupt(x[rank * BATCH:(rank + 1) * BATCH], rank, step), y[rank * BATCH:(rank + 1) * BATCH]
+        loss = torch.nn.functional.mse_loss(ddp(xs), ys)
+        loss_scaler(loss, optimizer, clip_grad=10.0, clip_mode="norm", parameters=ddp.parameters())
+        optimizer.zero_grad()
+        skipped.append(loss_scaler.scaler.last_step_skipped)
+    loss_scaler.close()
+    out = state(model, optimizer)
+    out["skipped"] = torch.tensor(skipped)
+    out["finding_names"] = [s.first_nonfinite for s in loss_scaler.skips]
+    return out

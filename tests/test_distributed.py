@@ -221,3 +221,37 @@ def test_nanops_train_launches_under_torch_distributed_run(tmp_path):
 def test_ddp_guard_stops_every_rank_when_one_rank_diverges(tmp_path):
     ranks = run(tmp_path, w.ddp_divergence)
     assert [r["stopped_at"].item() for r in ranks] == [3, 3]  # the first read (every 4 steps) after it began
+
+
+def test_an_accelerate_ddp_loop_skips_on_every_rank_and_matches_dropping_the_step(tmp_path):
+    pytest.importorskip("accelerate")
+    ranks = run(tmp_path, w.accelerate_ddp)
+    assert all("MULTI_CPU" in r["distributed_type"] for r in ranks)
+    expected = reference("sgd")
+    for rank, r in enumerate(ranks):
+        assert r["skipped"].tolist() == [step == w.BAD_STEP for step in range(w.STEPS)]
+        assert_identical({k: v for k, v in r.items() if k.startswith(("model.", "optim."))}, expected[rank])
+        # Every rank names rank 1's first non-finite module (found by rank 1's own replay).
+        assert r["finding_names"] == ["forward of 0 (rank 1)"], r["finding_names"]
+    for k in (k for k in ranks[1] if k.startswith("after_bad.")):
+        assert torch.equal(ranks[1][k], ranks[1][k.replace("after_bad.", "before_bad.")]), k
+
+
+def test_a_lightning_ddp_fit_skips_on_every_rank_and_matches_dropping_the_step(tmp_path):
+    pytest.importorskip("lightning")
+    ranks = run(tmp_path, w.lightning_ddp)
+    expected = reference("sgd")
+    for rank, r in enumerate(ranks):
+        assert r["skipped"].tolist() == [step == w.BAD_STEP for step in range(w.STEPS)]
+        assert_identical({k: v for k, v in r.items() if k.startswith(("model.", "optim."))}, expected[rank])
+        assert r["finding_names"] == ["forward of net.0 (rank 1)"], r["finding_names"]
+
+
+def test_timms_step_over_ddp_skips_on_every_rank_and_matches_dropping_the_step(tmp_path):
+    pytest.importorskip("timm")
+    ranks = run(tmp_path, w.timm_ddp)
+    expected = reference("sgd")
+    for rank, r in enumerate(ranks):
+        assert r["skipped"].tolist() == [step == w.BAD_STEP for step in range(w.STEPS)]
+        assert_identical({k: v for k, v in r.items() if k.startswith(("model.", "optim."))}, expected[rank])
+        assert r["finding_names"] == ["forward of 0 (rank 1)"], r["finding_names"]

@@ -12,8 +12,9 @@
 to the optimizers, so Accelerate's own bookkeeping stays true: `optimizer_step_was_skipped` is
 set for a skipped step and the prepared LR scheduler does not step after it (the Trainer's
 scheduler included). On top, on the Accelerator object only (instance attributes):
-  * `backward`: each micro-batch's loss checked after its backward; a non-finite one has its
-    BatchNorm updates undone and its window's step skipped (`accumulate()` windows too);
+  * `backward`: with `gradient_accumulation_steps` > 1, each micro-batch's loss checked after
+    its backward (a non-finite one has its BatchNorm updates undone at once and its window's
+    step skipped); else a skipped step (on any rank) puts them back as before its batch;
   * `clip_grad_norm_`: nanops' overflow-free fused clip (the Trainer's `max_grad_norm`);
   * the prepared optimizer's `step`: a skipped step is replayed (the model's forward on the
     window's inputs, from each one's RNG state, its `loss` when it returns one) to name the
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ..clip import clip_grad_norm_
-from ..training import DivergenceLimits, GradScaler, RngState, Session, SkippedStep, SkipReport, cuda_devices
+from ..training import DivergenceLimits, GradScaler, RngState, Session, SkippedStep, SkipReport
 
 LOGGER = logging.getLogger("nanops")
 
@@ -64,7 +65,7 @@ class Protection:
         self._window: list[tuple[tuple, dict, RngState, torch.Tensor | None]] = []
         self._pending: tuple[tuple, dict, RngState] | None = None
         self._handle = None
-        self._devices: list[int] | None = None
+        self._replaying = False
         self._install(accelerator)
 
     skips = property(lambda self: self.session.skips)
@@ -85,8 +86,12 @@ class Protection:
 
         def protected_backward(loss, **kwargs):
             backward(loss, **kwargs)
-            flag = self.session.micro_batch(loss) if self.session.model is not None else None
-            self.session.settle()
+            flag = None
+            if self.session.model is not None and accelerator.gradient_accumulation_steps > 1:
+                # Window by window: each micro-batch's BatchNorm updates kept or undone at once.
+                flag = self.session.micro_batch(loss)
+                self.session.settle()
+            # Else the step settles them: a skipped step (on any rank) leaves them as before.
             if self._pending is not None:
                 self._window.append((*self._pending, flag))
                 self._pending = None
@@ -105,10 +110,11 @@ class Protection:
         module = self.session.module
 
         def remember(mod, args, kwargs):
-            if mod.training and torch.is_grad_enabled():
-                if self._devices is None:
-                    self._devices = cuda_devices(mod)
-                self._pending = (args, kwargs, RngState.capture(self._devices))  # references, no copy
+            if mod.training and torch.is_grad_enabled() and not self._replaying:
+                # The batch starts: its BatchNorm snapshot (the window's, made at the first) and
+                # its RNG state; its inputs kept by reference for a replay.
+                self.session.begin_batch()
+                self._pending = (args, kwargs, self.session.rng_state)
         self._handle = module.register_forward_pre_hook(remember, with_kwargs=True)
 
     def _fold_window(self) -> None:
@@ -136,12 +142,16 @@ class Protection:
                         place=f"(step {session.total_steps})")
         if skipped:
             finding, overflow = None, None
-            for args, kwargs, rng, _ in sorted(self._window, key=lambda w: w[3] is None or not bool(w[3])):
-                finding, overflow = session.locate(_loss_of(session.model, args, kwargs), rng_state=rng,
-                                                   loss_scale=scaler.scale_of_last_skip if scaler.is_enabled()
-                                                   else None)
-                if finding is not None:
-                    break
+            self._replaying = True  # the replays' forwards are not batches
+            try:
+                for args, kwargs, rng, _ in sorted(self._window, key=lambda w: w[3] is None or not bool(w[3])):
+                    finding, overflow = session.locate(_loss_of(session.model, args, kwargs), rng_state=rng,
+                                                       loss_scale=scaler.scale_of_last_skip if scaler.is_enabled()
+                                                       else None)
+                    if finding is not None:
+                        break
+            finally:
+                self._replaying = False
             finding, promoted = session.agree(finding, overflow)
             session.record(SkippedStep(0, session.total_steps - 1, finding, replayed=bool(self._window),
                                        promoted=promoted, step=session.total_steps - 1), self.save_dir)

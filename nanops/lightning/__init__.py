@@ -11,8 +11,9 @@
 fit is set up, puts nanops' precision plugin in place of Lightning's: the same autocast, with
 nanops.GradScaler (torch's with AMP on; with AMP off, fp32 or bf16, it still checks the grads
 and skips a non-finite step). Each training step then runs on nanops.training.Session's events:
-  * every micro-batch's loss is checked after its backward (`accumulate_grad_batches` too), and
-    a non-finite one has its BatchNorm updates undone and its window's step skipped;
+  * a skipped step leaves the BatchNorm statistics as before its batch (on every rank); with
+    `accumulate_grad_batches`, every micro-batch's loss is checked after its backward, and a
+    non-finite one has its BatchNorm updates undone at once and its window's step skipped;
   * the step: unscale + non-finite check fused, `gradient_clip_val` (norm) through nanops'
     overflow-free fused clip, step or skip; a skipped step is not followed by a step of the
     step-interval LR schedulers (Lightning's `lr_scheduler_step`, held back for that step);
@@ -74,9 +75,12 @@ class _NanopsPrecision(Precision):
         return super().pre_backward(tensor, module)
 
     def post_backward(self, tensor: torch.Tensor, module) -> torch.Tensor:
-        session = self.protect.session
-        session.micro_batch(tensor)  # checked on the device; BatchNorm kept or undone at once
-        session.settle()
+        if self.protect.accumulating:
+            # Window by window: each micro-batch's BatchNorm updates kept or undone at once.
+            session = self.protect.session
+            session.micro_batch(tensor)
+            session.settle()
+        # Else the step settles them: a skipped step (on any rank) leaves them as before its batch.
         return super().post_backward(tensor, module)
 
     def optimizer_step(self, optimizer, model, closure, **kwargs):
@@ -139,6 +143,7 @@ class Protect(Callback):
         self._trainer = None
         self._batch = None
         self._held_back = False  # the latest optimizer step was skipped: its scheduler step is held back
+        self.accumulating = False  # accumulate_grad_batches > 1: micro-batches checked one by one
 
     # What the caller reads.
     skips = property(lambda self: self.session.skips)
@@ -165,6 +170,7 @@ class Protect(Callback):
         self.plugin = _NanopsPrecision(self, precision, "cuda" if device == "cuda" else "cpu")
         strategy.precision_plugin = self.plugin
         self._trainer = trainer
+        self.accumulating = int(getattr(trainer, "accumulate_grad_batches", 1) or 1) > 1
         if self.patch_attention:
             patching.patch(pl_module)
         self.session.begin_run()

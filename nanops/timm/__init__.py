@@ -12,8 +12,9 @@ loss_scaler):
     loss_scaler = nanops.timm.NativeScaler(model, device=device.type, enabled=use_amp == "native"
                                            and amp_dtype == torch.float16, ema=model_ema)
 
-Each call then: scaled backward; the micro-batch's loss checked on the device (a non-finite one has
-its BatchNorm updates undone at once and its window's step skipped); at the update: unscale +
+Each call then: scaled backward; with accumulation (need_update=False), each micro-batch's loss
+checked on the device (a non-finite one has its BatchNorm updates undone at once and its window's
+step skipped; a skipped step of one batch has them put back as before it); at the update: unscale +
 non-finite check fused, `clip_mode="norm"` through nanops' overflow-free fused clip ("value" and
 "agc" through timm's own), step or skip with AMP on *and off*, and no EMA update after a skipped
 step (`ema=`). A skipped step's forward is replayed on the model's latest training input to name
@@ -61,9 +62,10 @@ class NativeScaler:
         self.check_every, self.save_dir = check_every, save_dir
         logger = logging.getLogger("nanops")
         self.session = Session(on_divergence=on_divergence, limits=limits, report=SkipReport(logger),
-                               what="nanops.timm.NativeScaler", log_everywhere=True)
+                               what="nanops.timm.NativeScaler")  # said on rank 0, as timm logs
         self.session.attach(model, amp=enabled)
         self._hook = self.session.remember_inputs()  # the model's latest training input, for a replay
+        self.session.begin_batch()  # the BatchNorm statistics a skipped first step goes back to
         self.updates = 0
         self.epoch = 0  # timm's loop does not say: set it at each epoch for the skip records
         self._ema_held_back = False
@@ -85,8 +87,12 @@ class NativeScaler:
             raise ValueError("nanops.timm.NativeScaler: clip_grad needs parameters= (as timm's)")
         session, scaler = self.session, self._scaler
         scaler.scale(loss).backward(create_graph=create_graph)
-        self._window.append((session.last_input, session.micro_batch(loss)))
-        session.settle()
+        if need_update and not self._window:
+            # A window of one batch: the step settles its BatchNorm updates (undone if skipped).
+            self._window.append((session.last_input, None))
+        else:  # accumulation: each micro-batch checked, its BatchNorm updates kept or undone at once
+            self._window.append((session.last_input, session.micro_batch(loss)))
+            session.settle()
         if not need_update:
             return
         flag = session.close_window()
@@ -121,7 +127,7 @@ class NativeScaler:
         targets), flagged ones first, until one names a module; the skip recorded."""
         session, finding = self.session, None
         inputs = [(x, flag) for x, flag in self._window if isinstance(x, torch.Tensor)]
-        for x, _ in sorted(inputs, key=lambda item: not bool(item[1])):
+        for x, _ in sorted(inputs, key=lambda item: item[1] is None or not bool(item[1])):
             try:
                 finding = locate_forward(session.module, x, autocast=session.amp)
             except Exception as err:  # a replay never stops the training it reports on
@@ -129,6 +135,7 @@ class NativeScaler:
             if finding is not None:
                 finding.step = session.total_steps - 1
                 break
+        finding, _ = session.agree(finding, None)  # every rank replayed its own window: one finding
         session.record(SkippedStep(self.epoch, self.updates, finding, replayed=bool(inputs),
                                    step=session.total_steps - 1), self.save_dir)
 
