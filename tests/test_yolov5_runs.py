@@ -225,6 +225,18 @@ def test_unknown_nanops_option_is_refused_before_training(capsys):
     assert main(["train", "--nanops-on-divergence", "panic"]) == 2
     assert "must be one of warn, stop, rollback" in capsys.readouterr().err
     assert main(["train", "--nanops-whatever"]) == 2
+    assert main(["train", "--nanops-on-headroom=loud"]) == 2
+    assert "--nanops-on-headroom must be one of warn, promote, stop, off" in capsys.readouterr().err
+
+
+def test_nanops_own_flags_are_taken_out_before_yolov5s_parser(monkeypatch):
+    from nanops.yolov5.cli import own_flags
+
+    monkeypatch.delenv("NANOPS_ON_HEADROOM", raising=False)
+    monkeypatch.setenv("NANOPS_ON_DIVERGENCE", "stop")
+    assert own_flags(["--epochs", "3", "--nanops-on-headroom", "promote", "--img", "64"]) == (
+        ("stop", "promote"), ["--epochs", "3", "--img", "64"])
+    assert own_flags(["--nanops-on-divergence=rollback"]) == (("rollback", "warn"), [])
 
 
 def test_an_epoch_whose_every_batch_was_kept_out_has_no_training_loss_in_results_csv(data16):
