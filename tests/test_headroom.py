@@ -238,3 +238,14 @@ def test_bad_arguments_name_themselves():
         nanops.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), headroom_every=0)
     with pytest.raises(ValueError, match="warn_within"):
         HeadroomMonitor(model, warn_within=0.5)
+
+
+def test_a_read_per_epoch_says_its_trend_in_epochs():
+    from nanops.training import Headroom
+
+    h = Headroom("model.8.m.0.tr.0.ma q·k", 1 / 12, 2.1, 1, "epoch", "model.8.m.0.tr.0")
+    assert str(h) == ("model.8.m.0.tr.0.ma q·k at 1/12 of float16's range, x2.1 per epoch: overflow expected in "
+                      "~4 epochs")  # log(12) / log(2.1) = 3.35 epochs
+    assert not h.imminent and Headroom("m", 0.6, None, 1, "epoch", "m").imminent
+    assert "reached float16's range" in str(Headroom("m", 1.5, 3.0, 1, "epoch", "m"))
+    assert str(Headroom("m", 0.25, 0.9, 100, "step", "m")) == "m at 1/4 of float16's range, x0.9 per 100 steps"
