@@ -2,6 +2,8 @@
 touches this file only. Each entry says what it is for and what happens where it is missing."""
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.utils._pytree as pytree  # noqa: F401  (watch: the tensors inside any module output)
 from torch.amp.grad_scaler import OptState, _refresh_per_optimizer_state  # noqa: F401  (GradScaler's stages)
@@ -119,21 +121,28 @@ def onnx_export_flag():
     return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
 
 
+def _optimized_module_type() -> type | None:
+    """torch.compile's module wrapper class, or None while torch._dynamo is not imported: then
+    nothing can have been compiled (torch.compile and Module.compile import it), and importing it
+    only to ask would cost seconds at a run's start."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")
+    return getattr(eval_frame, "OptimizedModule", None)
+
+
 def is_compiled(model: torch.nn.Module) -> bool:
     """Whether `model` or one of its modules runs through torch.compile (`torch.compile(m)`'s
     wrapper, or `m.compile()`, which sets a private call): module hooks added or removed there
     make Dynamo recompile, so a sampling monitor stays off such models."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return any(isinstance(m, OptimizedModule) or getattr(m, "_compiled_call_impl", None) is not None
-               for m in model.modules())
+    wrapper = _optimized_module_type()
+    if wrapper is None:
+        return False
+    return any(isinstance(m, wrapper) or getattr(m, "_compiled_call_impl", None) is not None for m in model.modules())
 
 
 def uncompiled(model: torch.nn.Module) -> torch.nn.Module:
     """The module `torch.compile(module)` wrapped (itself when not wrapped): the one whose
     submodules have the names the user knows (no "_orig_mod." prefix)."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    while isinstance(model, OptimizedModule):
+    wrapper = _optimized_module_type()
+    while wrapper is not None and isinstance(model, wrapper):
         model = model._orig_mod
     return model

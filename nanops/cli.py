@@ -145,8 +145,7 @@ def _doctor_headroom(args) -> int:
     model = load_model(Path(args.weights))
     images = image_batch(image_files(Path(args.data), args.batch), args.img)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    seen = model_headroom(model, images, device)
-    tight = [h for h in seen if h.fraction * 8 >= 1.0]
+    seen, tight = model_headroom(model, images, device)
     shown = [(f"{args.weights}: warning: ", h) for h in tight[: args.max_report]] or \
         [(f"{args.weights}: tightest: ", h) for h in seen[:5]]
     for prefix, h in shown:

@@ -361,7 +361,7 @@ def ddp_divergence(rank: int, world: int) -> dict:
 
 
 # --- an Accelerate loop under nanops.huggingface.protect ---------------------------------------
-def accelerate_ddp(rank: int, world: int) -> dict:
+def accelerate_ddp(rank: int, world: int, out_dir: str) -> dict:
     """The same global batches through Accelerate's own DDP (MULTI_CPU over this gloo group),
     protected; rank 1's BAD_STEP batch has an Inf pixel."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -373,7 +373,7 @@ def accelerate_ddp(rank: int, world: int) -> dict:
     model = make_model()
     accelerator = accelerate.Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(
         broadcast_buffers=False)])  # each rank's BatchNorm statistics its own, as ddp_reference
-    protection = nanops.huggingface.protect(accelerator)
+    protection = nanops.huggingface.protect(accelerator, save_dir=out_dir)
     ddp, optimizer = accelerator.prepare(model, make_optimizer(model.parameters(), "sgd"))
     skipped, bn_before_bad, bn_after_bad = [], None, None
     for step, (x, y) in enumerate(global_batches()):
@@ -398,7 +398,7 @@ def accelerate_ddp(rank: int, world: int) -> dict:
 
 
 # --- a Lightning fit under nanops.lightning.Protect ---------------------------------------------
-def lightning_ddp(rank: int, world: int) -> dict:
+def lightning_ddp(rank: int, world: int, out_dir: str) -> dict:
     """The same global batches through Lightning's own DDP strategy (this gloo group, launched
     outside Lightning), protected; rank 1's BAD_STEP batch has an Inf pixel."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), NODE_RANK="0")
@@ -434,7 +434,8 @@ def lightning_ddp(rank: int, world: int) -> dict:
     module = Module()
     trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=world, strategy=L.pytorch.strategies.DDPStrategy(
         broadcast_buffers=False), gradient_clip_val=10.0, callbacks=[protect], logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False)
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+        default_root_dir=out_dir)
     trainer.fit(module, torch.utils.data.DataLoader(Batches(), batch_size=None))
     out = state(module.net, trainer.optimizers[0])
     out["skipped"] = torch.tensor(module.skipped)
@@ -443,7 +444,7 @@ def lightning_ddp(rank: int, world: int) -> dict:
 
 
 # --- timm's step with nanops.timm.NativeScaler over DDP -------------------------------------------
-def timm_ddp(rank: int, world: int) -> dict:
+def timm_ddp(rank: int, world: int, out_dir: str) -> dict:
     """timm train.py's step over a DDP model (its loss_scaler call, clip 10), protected; rank 1's
     BAD_STEP batch has an Inf pixel."""
     import nanops.timm
@@ -451,7 +452,7 @@ def timm_ddp(rank: int, world: int) -> dict:
     model = make_model()
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     optimizer = make_optimizer(ddp.parameters(), "sgd")
-    loss_scaler = nanops.timm.NativeScaler(ddp, device="cpu", enabled=False)
+    loss_scaler = nanops.timm.NativeScaler(ddp, device="cpu", enabled=False, save_dir=out_dir)
     skipped = []
     for step, (x, y) in enumerate(global_batches()):
         xs, ys = corrupt(x[rank * BATCH:(rank + 1) * BATCH], rank, step), y[rank * BATCH:(rank + 1) * BATCH]

@@ -235,13 +235,15 @@ ADAPTERS = {
 def test_an_adapter_over_ddp_skips_on_every_rank_and_matches_dropping_the_step(tmp_path, adapter):
     worker, package, named = ADAPTERS[adapter]
     pytest.importorskip(package)
-    ranks = run(tmp_path, worker)
+    ranks = run(tmp_path, worker, str(tmp_path))
     expected = reference("sgd")
     for rank, r in enumerate(ranks):
         assert r["skipped"].tolist() == [step == w.BAD_STEP for step in range(w.STEPS)]
         assert_identical({k: v for k, v in r.items() if k.startswith(("model.", "optim."))}, expected[rank])
         # Every rank names rank 1's first non-finite module (found by rank 1's own replay).
         assert r["finding_names"] == [named], r["finding_names"]
+    rows = (tmp_path / "nanops_skipped_steps.csv").read_text().splitlines()  # written by rank 0 alone
+    assert len(rows) == 2 and rows[1].endswith(f",{named}"), rows
     if adapter == "accelerate":
         assert all("MULTI_CPU" in r["distributed_type"] for r in ranks)  # Accelerate's own DDP ran
         # Rank 1's forward of the bad batch wrote Inf into its BatchNorm statistics: put back.

@@ -82,6 +82,16 @@ def test_float16_amp_and_accumulation_skip_the_window_and_finish_finite():
         assert all(torch.isfinite(t).all() for t in module.state_dict().values() if t.is_floating_point())
 
 
+def test_the_scaler_hooks_its_model_alone():
+    from nanops._torch_private import hooks_observe
+
+    model, other = Tiny(), Tiny()
+    scaler = nanops.timm.NativeScaler(model, device="cpu", enabled=False)
+    assert not hooks_observe([other]) and model._forward_pre_hooks  # nothing process-wide
+    scaler.close()
+    assert not model._forward_pre_hooks
+
+
 def test_bad_arguments_are_refused_by_name():
     model = Tiny()
     with pytest.raises(TypeError, match="model"):

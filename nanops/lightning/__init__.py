@@ -203,7 +203,7 @@ class Protect(Callback):
                         loss=loss.detach() if isinstance(loss, torch.Tensor) else None, norm=norm,
                         scale=scaler.scale_tensor, place=f"(epoch {trainer.current_epoch}, step {trainer.global_step})")
         if skipped:
-            finding, overflow = session.locate(self._replay_loss(scaler), loss_scale=scaler.scale_of_last_skip
+            finding, overflow = session.locate(self._replay_loss(), loss_scale=scaler.scale_of_last_skip
                                                if scaler.is_enabled() else None)
             finding, promoted = session.agree(finding, overflow)
             batch_idx = self._batch[1] if self._batch is not None else None
@@ -212,7 +212,7 @@ class Protect(Callback):
         if session.total_steps % self.check_every == 0:
             session.check(save_dir=self._save_dir())
 
-    def _replay_loss(self, scaler: GradScaler):
+    def _replay_loss(self):
         """The skipped batch's training_step again, under the step's autocast, its self.log calls
         silenced (a replay logs nothing)."""
         module, plugin = self.session.module, self.plugin

@@ -64,7 +64,16 @@ class NativeScaler:
         self.session = Session(on_divergence=on_divergence, limits=limits, report=SkipReport(logger),
                                what="nanops.timm.NativeScaler")  # said on rank 0, as timm logs
         self.session.attach(model, amp=enabled)
-        self._hook = self.session.remember_inputs()  # the model's latest training input, for a replay
+        # The model's latest training input, for a replay: a hook on the trained module alone (a
+        # process-wide one would outlive a loop that stops with an exception, and turn nanops'
+        # folded attention off in every model of the process until close()).
+        module = self.session.module
+
+        def remember(mod, args):
+            if mod is module and mod.training and torch.is_grad_enabled() and args \
+                    and isinstance(args[0], torch.Tensor):
+                self.session.last_input = args[0]
+        self._hook = module.register_forward_pre_hook(remember)
         self.session.begin_batch()  # the BatchNorm statistics a skipped first step goes back to
         self.updates = 0
         self.epoch = 0  # timm's loop does not say: set it at each epoch for the skip records
@@ -156,7 +165,7 @@ class NativeScaler:
         self._scaler.load_state_dict(state_dict)
 
     def close(self) -> None:
-        """The input hook removed (the training is over)."""
+        """The input hook taken off the model (the training is over)."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None

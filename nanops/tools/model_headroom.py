@@ -14,8 +14,7 @@ import numpy as np
 import torch
 import yaml
 
-from ..training import HeadroomMonitor, checkpoints
-from ..training.headroom import Headroom
+from ..training import Headroom, HeadroomMonitor, checkpoints
 from .doctor import DoctorError
 
 IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
@@ -83,9 +82,10 @@ def load_model(path: Path) -> torch.nn.Module:
 
 
 def model_headroom(model: torch.nn.Module, images: torch.Tensor,
-                   device: torch.device | str = "cpu") -> list[Headroom]:
+                   device: torch.device | str = "cpu") -> tuple[list[Headroom], list[Headroom]]:
     """Every module output (and attention q·k/√d) that ran in float16 in one training-mode
-    forward of `images` under float16 autocast on `device`, tightest first."""
+    forward of `images` under float16 autocast on `device`, tightest first; and those of them
+    within 8x of 65504 (HeadroomMonitor's warning factor)."""
     device = torch.device(device)
     model = model.to(device).train()
     monitor = HeadroomMonitor(model, every=1)
@@ -96,5 +96,5 @@ def model_headroom(model: torch.nn.Module, images: torch.Tensor,
     finally:
         monitor.stepped(skipped=False)
         monitor.remove()
-    monitor.read()
-    return monitor.latest
+    tight = monitor.read()
+    return monitor.latest, tight

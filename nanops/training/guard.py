@@ -373,9 +373,7 @@ class Guard:
         monitor = self.session.headroom
         if monitor is None:
             return []
-        monitor.read(label=f"step {self.total_steps}")
-        if self.save_dir is not None and monitor.history:
-            monitor.write_csv(self.save_dir)
+        monitor.read(label=f"step {self.total_steps}", save_dir=self.save_dir)
         return list(monitor.latest)
 
     def finish(self) -> None:

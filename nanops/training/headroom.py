@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._torch_private import is_compiled
+from ..patching import FoldedTransformerLayer, is_yolo_transformer_layer
 
 HEADROOM_POLICIES = ("warn", "promote", "stop", "off")
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
@@ -86,9 +87,9 @@ class Headroom:
 
 
 def _is_transformer_layer(module: nn.Module) -> bool:
-    """yolov5's (and ultralytics') TransformerLayer: q, k, v Linear, ma attention, fc1, fc2."""
-    return all(isinstance(getattr(module, n, None), nn.Module) for n in ("q", "k", "v", "fc1", "fc2")) and \
-        isinstance(getattr(module, "ma", None), nn.MultiheadAttention)
+    """yolov5's (or ultralytics') TransformerLayer, as nanops.patch recognises it, patched or not:
+    the math the q·k figure assumes (ma(q(x), k(x), v(x)))."""
+    return isinstance(module, FoldedTransformerLayer) or is_yolo_transformer_layer(module)
 
 
 def _first_tensor(output) -> torch.Tensor | None:
@@ -186,6 +187,7 @@ class HeadroomMonitor:
         self._steps_at_read = 0
         self._sampled = False      # a kept sampled step since the last read
         self.history: list[tuple[str, int, list[float]]] = []  # (period, step, fraction per slot)
+        self._written = 0  # reads in history already in the CSV
         self.latest: list[Headroom] = []  # every value the latest read saw in float16, tightest first
         self._previous: list[float] | None = None
 
@@ -298,12 +300,14 @@ class HeadroomMonitor:
         return self._idx_device[1]
 
     # --- a read -----------------------------------------------------------------------------
-    def read(self, unit: str = "step", *, label: str | None = None) -> list[Headroom]:
+    def read(self, unit: str = "step", *, label: str | None = None,
+             save_dir: Path | str | None = None) -> list[Headroom]:
         """The period since the last read closes (one host copy): the values within `warn_within`
-        of 65504, tightest first, with their growth since the previous read. `unit`: "step" (a
-        period is the steps since the last read) or a unit one read spans once ("epoch");
-        `label`: the period's name in `history` and the CSV (default "step N"). Empty when no
-        step was sampled since the last read."""
+        of 65504, tightest first, with their growth since the previous read (every value seen:
+        `latest`). `unit`: "step" (a period is the steps since the last read) or a unit one read
+        spans once ("epoch"); `label`: the period's name in `history` and the CSV (default
+        "step N"); `save_dir`: the read's figures added to its nanops_headroom.csv. Empty when
+        no step was sampled since the last read."""
         steps = self._steps - self._steps_at_read
         if not self._sampled or steps == 0:
             return []
@@ -323,21 +327,25 @@ class HeadroomMonitor:
                 growth = fraction / previous[i]
             seen.append(Headroom(self.names[i], fraction, growth, period, unit, self.cures[i]))
         self.latest = sorted(seen, key=lambda h: -h.fraction)
+        if save_dir is not None:
+            self._write_csv(Path(save_dir))
         return [h for h in self.latest if h.fraction * self.warn_within >= 1.0]
 
-    def write_csv(self, save_dir: Path | str) -> Path:
-        """Every read's figures, one row per watched value that ran in float16, to
-        `<save_dir>/nanops_headroom.csv` (rewritten whole)."""
-        path = Path(save_dir) / HEADROOM_CSV
+    def _write_csv(self, save_dir: Path) -> None:
+        """The reads not yet written, one row per watched value that ran in float16, added to
+        `<save_dir>/nanops_headroom.csv` (which this monitor's first write starts afresh)."""
+        path = save_dir / HEADROOM_CSV
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
+        first = self._written == 0
+        with path.open("w" if first else "a", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["period", "step", "module", "max_abs", "fraction_of_float16_max"])
-            for label, step, fractions in self.history:
+            if first:
+                writer.writerow(["period", "step", "module", "max_abs", "fraction_of_float16_max"])
+            for label, step, fractions in self.history[self._written:]:
                 for name, fraction in zip(self.names, fractions):
                     if fraction > 0.0:
                         writer.writerow([label, step, name, f"{fraction * FLOAT16_MAX:.6g}", f"{fraction:.6g}"])
-        return path
+        self._written = len(self.history)
 
     def remove(self) -> None:
         """Takes every hook off (the monitor is done)."""

@@ -31,7 +31,7 @@ class HeadroomPolicy:
 
     def __init__(self, policy: str, every: int, what: str) -> None:
         if policy not in HEADROOM_POLICIES:
-            raise ValueError(f"{what}: on_headroom must be one of {HEADROOM_POLICIES}, got {policy!r}")
+            raise ValueError(f"{what}: on_headroom must be one of {', '.join(HEADROOM_POLICIES)}, got {policy!r}")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"{what}: headroom_every must be a positive int, got {every!r}")
         self.policy, self.every = policy, every
@@ -68,9 +68,7 @@ class HeadroomPolicy:
         monitor = self.monitor
         if monitor is None:
             return
-        tight = monitor.read(unit, label=label)
-        if save_dir is not None and session.main_rank and monitor.history:
-            monitor.write_csv(save_dir)
+        tight = monitor.read(unit, label=label, save_dir=save_dir if session.main_rank else None)
         act = self.policy in ("promote", "stop")
         urgent = [h.cure for h in tight if h.imminent] if act else []
         if act and collective and session.world_size > 1:

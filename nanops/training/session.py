@@ -281,11 +281,12 @@ class Session:
         """The modules of these names run in float32 from now on, in the trained model and in
         its copies the run keeps (an EMA: validated, and saved, from it). Returns those promoted
         now."""
-        now = promote_named(self.module, names)
         model = self.module
-        for obj in self.state_objects().values():
-            if isinstance(obj, torch.nn.Module) and uncompiled(_distributed.unwrap(obj)) is not model:
-                promote_named(uncompiled(_distributed.unwrap(obj)), now)
+        now = promote_named(model, names)
+        copies = {uncompiled(_distributed.unwrap(obj)) for obj in self.state_objects().values()
+                  if isinstance(obj, torch.nn.Module)}
+        for other in copies - {model}:
+            promote_named(other, now)
         self.promoted += now
         return now
 
@@ -316,7 +317,6 @@ class Session:
         events = self.divergence.read()
         self._handle(events_of_every_rank(events) if collective else events, where)
         self.headroom_policy.read(self, unit, label, save_dir, collective)
-
 
     def validation(self, val_finite: bool, train_finite: bool, where: str = "", val_loss: float | None = None,
                    train_loss: float | None = None) -> None:
@@ -386,4 +386,3 @@ class Session:
                     and args and isinstance(args[0], (dict, torch.Tensor))):
                 self.last_input = args[0]
         return forward_pre_hook(remember)
-

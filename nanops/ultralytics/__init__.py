@@ -39,7 +39,7 @@ import torch
 from .. import patching
 from ..clip import clip_grad_norm_
 from ..ops import all_finite
-from ..training import HEADROOM_POLICIES, POLICIES, GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
+from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport, checkpoint_loading, locate_forward
 
 MAX_NORM = 10.0  # ultralytics' BaseTrainer.optimizer_step
 # A YOLOv8n with a C3TR block (yolov5's TransformerLayer): YOLO(nanops.ultralytics.YOLOV8N_C3TR).
@@ -55,8 +55,6 @@ class Protection:
 
         if on_divergence not in POLICIES:
             raise ValueError(f"protect: on_divergence must be one of {', '.join(POLICIES)}, got {on_divergence!r}")
-        if on_headroom not in HEADROOM_POLICIES:
-            raise ValueError(f"protect: on_headroom must be one of {', '.join(HEADROOM_POLICIES)}, got {on_headroom!r}")
         self.report = SkipReport(LOGGER)
         self.session = Session(on_divergence=on_divergence, report=self.report, warn=LOGGER.warning,
                                what="protect", on_headroom=on_headroom)

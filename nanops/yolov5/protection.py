@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from ..training import HEADROOM_POLICIES, POLICIES, GradScaler, Session, SkippedStep, SkipReport
+from ..training import POLICIES, GradScaler, Session, SkippedStep, SkipReport
 from .hyp import run_hyp_warnings
 from .saving import FiniteCheckpoints, suspect_images, weights_on_disk
 from .shims import quiet_yolov5_import, yolov5_callbacks
@@ -34,9 +34,6 @@ class Protection:
         if on_divergence not in POLICIES:
             raise ValueError(f"nanops train: --nanops-on-divergence must be one of {', '.join(POLICIES)}, got "
                              f"{on_divergence!r}")
-        if on_headroom not in HEADROOM_POLICIES:
-            raise ValueError(f"nanops train: --nanops-on-headroom must be one of {', '.join(HEADROOM_POLICIES)}, "
-                             f"got {on_headroom!r}")
         self.opt = opt  # replaced by the opt train() is given (main rebuilds it on --resume)
         logger = quiet_yolov5_import("yolov5.utils.general").LOGGER
         self.report = SkipReport(logger)
